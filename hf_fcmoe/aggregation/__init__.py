@@ -1,0 +1,7 @@
+"""Aggregation: pure merging math plus the hub that validates updates and dispatches methods."""
+
+from hf_fcmoe.aggregation.hub import METHODS, AggregationHub
+from hf_fcmoe.aggregation.types import AggregationResult, ClientUpdate
+from hf_fcmoe.aggregation.validation import UpdateRejected
+
+__all__ = ["METHODS", "AggregationHub", "AggregationResult", "ClientUpdate", "UpdateRejected"]

@@ -1,0 +1,81 @@
+"""Trainer callbacks of a client's local round.
+
+`ExpertUsageCallback` counts, per decoder layer and expert, the tokens the router sent there during
+training: the activation frequency that FC-MoE's importance weights and the hub's "who touched
+this expert" sets are built from.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from hf_fcmoe.layout import layer_index
+from hf_fcmoe.moe import get_family
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation-checkpointing recomputes forwards there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class ExpertTokenCounter:
+    """Forward hooks on every router that accumulate top-k routing counts, shape (num_layers, num_experts).
+
+    Padding is excluded: a pre-hook on the model keeps the batch's attention mask, and a router's
+    flattened (batch*seq) tokens are masked with it. Hooks fire only in training mode and never
+    during the backward-time recompute of activation checkpointing, so each token counts once.
+    """
+
+    def __init__(self, model: nn.Module):
+        config = model.config
+        family = get_family(config)
+        self.counts = torch.zeros(config.num_hidden_layers, family.num_experts(config), dtype=torch.long)
+        self._mask: torch.Tensor | None = None
+        self._handles = [model.register_forward_pre_hook(self._keep_mask, with_kwargs=True)]
+        for name, module in model.named_modules():
+            if name.endswith(family.router_path) and layer_index(name) is not None and not name.endswith("base_layer"):
+                self._handles.append(module.register_forward_hook(self._count_hook(layer_index(name))))
+
+    def _keep_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _count_hook(self, layer: int):
+        def hook(module: nn.Module, inputs: tuple, output) -> None:
+            if not module.training or _in_backward():
+                return None
+            top_k_index = output[2] if isinstance(output, tuple) else output
+            flat = top_k_index.reshape(-1, top_k_index.shape[-1])
+            if self._mask is not None and self._mask.numel() == flat.shape[0]:
+                flat = flat[self._mask.reshape(-1).to(flat.device).bool()]
+            self.counts[layer] += torch.bincount(flat.reshape(-1).cpu(), minlength=self.counts.shape[1])
+            return None
+
+        return hook
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class ExpertUsageCallback(TrainerCallback):
+    """Counts routed tokens per (layer, expert) over one `trainer.train()`; read `.counts` afterwards."""
+
+    def __init__(self):
+        self._counter: ExpertTokenCounter | None = None
+        self.counts: torch.Tensor | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._counter = ExpertTokenCounter(model)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._counter is not None:
+            self.counts = self._counter.counts.clone()
+            self._counter.remove()
+            self._counter = None

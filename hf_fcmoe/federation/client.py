@@ -1,0 +1,96 @@
+"""What a client does, independent of the engine: prepare its data once, train a round, evaluate a state.
+
+The in-process simulation holds one `ClientWorker` for all clients (one model in memory, adapter
+states swapped in and out); a Flower ClientApp builds one per message. Both go through the same code.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass
+
+import datasets
+from datasets import Dataset
+from peft import PeftModel
+from transformers import PrinterCallback
+from trl import SFTTrainer
+
+from hf_fcmoe.aggregation.types import ClientUpdate, State
+from hf_fcmoe.config import FederatedMoEConfig
+from hf_fcmoe.evaluation import eval_loss
+from hf_fcmoe.trainer import FederatedMoETrainer, load_adapter_state
+
+
+@dataclass
+class PreparedSplits:
+    """A client's tokenized train/eval rows (SFTTrainer's own preparation, done once)."""
+
+    train: Dataset
+    eval: Dataset
+
+
+def round_seed(base_seed: int, round_index: int, client_index: int) -> int:
+    """The local-training seed of one client in one round: fixed by (seed, round, client), so resume is exact."""
+    return base_seed + 1000 * round_index + client_index
+
+
+class ClientWorker:
+    """Trains and evaluates adapter states on one shared `PeftModel`."""
+
+    def __init__(self, model: PeftModel, tokenizer, config: FederatedMoEConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self._scratch = tempfile.TemporaryDirectory(prefix="hf_fcmoe_local_")
+        self.collator = None
+
+    def local_args(self, seed: int, prepared: bool = True) -> FederatedMoEConfig:
+        """A copy of the run config set up for one local round (no checkpoints, no per-step printing).
+
+        `prepared`: the datasets are already tokenized by `prepare`, so SFTTrainer skips its preparation.
+        """
+        args = copy.copy(self.config)
+        args.dataset_kwargs = {**(self.config.dataset_kwargs or {}), "skip_prepare_dataset": prepared}
+        args.output_dir = self._scratch.name
+        args.seed = seed
+        args.save_strategy = "no"
+        args.disable_tqdm = True
+        args.push_to_hub = False
+        return args
+
+    def prepare(self, train: Dataset, eval: Dataset) -> PreparedSplits:
+        """Tokenize a client's splits with SFTTrainer's own preparation (text, prompt/completion or messages)."""
+        datasets.disable_progress_bars()
+        try:
+            trainer = SFTTrainer(
+                self.model,
+                args=self.local_args(self.config.seed, prepared=False),
+                train_dataset=train,
+                eval_dataset=eval,
+                processing_class=self.tokenizer,
+            )
+        finally:
+            datasets.enable_progress_bars()
+        self.collator = trainer.data_collator
+        return PreparedSplits(train=trainer.train_dataset, eval=trainer.eval_dataset)
+
+    def train(
+        self, client_id: str, splits: PreparedSplits, start_state: State, seed: int, retained: State | None = None
+    ) -> ClientUpdate:
+        """One local round from `start_state` (which already includes `retained`, if any)."""
+        trainer = FederatedMoETrainer(
+            self.model,
+            args=self.local_args(seed),
+            train_dataset=splits.train,
+            processing_class=self.tokenizer,
+            client_id=client_id,
+            start_state=start_state,
+            retained=retained,
+        )
+        trainer.remove_callback(PrinterCallback)
+        return trainer.train_round()
+
+    def evaluate(self, state: State, dataset: Dataset) -> float:
+        load_adapter_state(self.model, state)
+        return eval_loss(self.model, dataset, self.collator, self.config.eval_batch_size)

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny MoE models and tiny run configs (CPU, seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_RUN = dict(
+    model_name_or_path="tiny:mixtral",
+    num_examples=256,
+    num_clients=3,
+    num_rounds=2,
+    max_steps=4,
+    per_device_train_batch_size=8,
+    learning_rate=5e-3,
+    max_length=48,
+    min_partition_size=8,
+    lr_scheduler_type="constant",
+    weight_decay=0.0,
+    seed=0,
+)
+
+
+@pytest.fixture
+def tiny_run_config(tmp_path):
+    """A factory of tiny `FederatedMoEConfig`s writing under tmp_path."""
+    from hf_fcmoe.config import load_config
+
+    def make(name: str = "run", **overrides):
+        return load_config(overrides={**TINY_RUN, "output_dir": str(tmp_path / name), **overrides})
+
+    return make

@@ -1,0 +1,164 @@
+"""The in-process engine end to end: run directory contract, reloading, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+from hf_fcmoe.data.federated import load_federated_data
+from hf_fcmoe.evaluation import nll_sum_and_count
+from hf_fcmoe.federation.client import ClientWorker
+from hf_fcmoe.federation.run_dir import load_adapter_weights
+from hf_fcmoe.federation.simulation import FederatedSimulation, run_simulation
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from hf_fcmoe.config import load_config
+    from tests.conftest import TINY_RUN
+
+    config = load_config(overrides={**TINY_RUN, "output_dir": str(tmp_path_factory.mktemp("sim") / "run")})
+    return config, run_simulation(config)
+
+
+def test_run_directory_contract(finished_run):
+    config, result = finished_run
+    root = result.output_dir
+    for path in [
+        "config.yaml",
+        "state.json",
+        "metrics.jsonl",
+        "report.md",
+        "plots/loss.png",
+        "global/adapter_config.json",
+        "global/adapter_model.safetensors",
+    ]:
+        assert (root / path).exists(), path
+    assert json.loads((root / "state.json").read_text())["last_round"] == config.num_rounds
+    for round_index in range(config.num_rounds + 1):
+        assert (root / "rounds" / str(round_index) / "global" / "adapter_model.safetensors").exists()
+    client_dir = root / "rounds" / "1" / "clients" / "client_000"
+    stats = json.loads((client_dir / "stats.json").read_text())
+    assert stats["num_examples"] > 0 and len(stats["expert_counts"]) == 2
+    assert sorted(p.name for p in (root / "personalized").iterdir()) == ["client_000", "client_001", "client_002"]
+    rows = result.metrics
+    assert [row["round"] for row in rows] == list(range(config.num_rounds + 1))
+    for field in (
+        "round",
+        "method",
+        "global_eval_loss",
+        "local_eval_loss",
+        "local_eval_loss_per_client",
+        "bytes_up",
+        "bytes_down",
+        "seconds",
+    ):
+        assert field in rows[-1], field
+    assert rows[-1]["global_eval_loss"] < rows[0]["global_eval_loss"], "training did not reduce the eval loss"
+    assert rows[1]["bytes_up"] > 0 and rows[1]["bytes_down"] == rows[1]["bytes_up"]
+
+
+def test_saved_adapters_load_alone_and_reproduce_eval_loss(finished_run):
+    config, result = finished_run
+    data = load_federated_data(config.data_spec())
+    expected = result.metrics[-1]
+    for folder, field in [
+        (result.global_dir, "global_eval_loss_per_client"),
+        (result.personalized_dirs["client_001"], "local_eval_loss_per_client"),
+    ]:
+        model = AutoPeftModelForCausalLM.from_pretrained(str(folder))  # nothing else given
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        worker = ClientWorker(model, tokenizer, config)
+        splits = worker.prepare(data.train["client_001"], data.eval["client_001"])
+        total, count = nll_sum_and_count(model, splits.eval, worker.collator)
+        assert total / count == pytest.approx(expected[field]["client_001"], rel=1e-5)
+
+
+def test_resume_equals_uninterrupted(finished_run, tiny_run_config):
+    config, result = finished_run
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(round_index, row):
+        if round_index == 1:
+            raise Interrupt
+
+    interrupted = tiny_run_config("interrupted")
+    with pytest.raises(Interrupt):
+        run_simulation(interrupted, on_round_end=stop_after_first)
+    assert json.loads(open(f"{interrupted.output_dir}/state.json").read())["last_round"] == 1
+    resumed = run_simulation(tiny_run_config("interrupted"), resume=True)
+    reference = load_adapter_weights(result.global_dir)
+    final = load_adapter_weights(resumed.global_dir)
+    for key in reference:
+        torch.testing.assert_close(final[key], reference[key], rtol=0, atol=0)
+    assert [row["round"] for row in resumed.metrics] == [0, 1, 2]
+    assert resumed.metrics[-1]["global_eval_loss"] == pytest.approx(result.metrics[-1]["global_eval_loss"])
+
+
+def test_completed_rounds_are_never_overwritten(tiny_run_config):
+    config = tiny_run_config("guarded", num_rounds=1)
+    run_simulation(config)
+    before = open(f"{config.output_dir}/rounds/1/global/adapter_model.safetensors", "rb").read()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        FederatedSimulation(tiny_run_config("guarded", num_rounds=1))
+
+    class Boom(Exception):
+        pass
+
+    simulation = FederatedSimulation(tiny_run_config("guarded", num_rounds=2), resume=True)
+    simulation.hub.aggregate = lambda *args, **kwargs: (_ for _ in ()).throw(Boom())
+    with pytest.raises(Boom):
+        simulation.run()
+    after = open(f"{config.output_dir}/rounds/1/global/adapter_model.safetensors", "rb").read()
+    assert before == after
+    assert json.loads(open(f"{config.output_dir}/state.json").read())["last_round"] == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"clients_per_round": 5}, "clients_per_round=5"),
+        ({"num_examples": 3, "num_clients": 3, "partition": "iid", "min_partition_size": 1}, "zero training"),
+        ({"aggregation_method": "median"}, "'median'"),
+    ],
+)
+def test_bad_input_fails_before_training(tiny_run_config, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        FederatedSimulation(tiny_run_config("bad", **overrides))
+
+
+def test_unknown_recipe_key_is_named(tmp_path):
+    from hf_fcmoe.config import load_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_dir: x\nnum_round: 3\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in recipe .*\['num_round'\]"):
+        load_config(recipe)
+
+
+def test_dataset_without_text_column_is_named(tiny_run_config, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"body": f"row {i}", "label": i % 2}) + "\n" for i in range(64)))
+    with pytest.raises(ValueError, match="no usable text column.*'body'"):
+        FederatedSimulation(tiny_run_config("nocol", dataset_name=str(path), num_examples=None))
+
+
+def test_dense_base_model_is_refused(tiny_run_config, tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+    ).save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="'llama' is not a supported Mixture-of-Experts"):
+        FederatedSimulation(tiny_run_config("dense", model_name_or_path=str(tmp_path / "dense")))
