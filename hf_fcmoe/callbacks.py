@@ -75,7 +75,12 @@ class ExpertUsageCallback(TrainerCallback):
         self._counter = ExpertTokenCounter(model)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._counter is not None:
-            self.counts = self._counter.counts.clone()
-            self._counter.remove()
-            self._counter = None
+        if self._counter is None:
+            return
+        counts = self._counter.counts.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # under `accelerate launch` each process saw its own shard of the client's batches
+            torch.distributed.all_reduce(counts)
+        self.counts = counts
+        self._counter.remove()
+        self._counter = None

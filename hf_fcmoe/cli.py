@@ -30,10 +30,14 @@ def parse_overrides(tokens: Sequence[str]) -> dict:
 
 
 def _simulate(args: argparse.Namespace, overrides: dict) -> int:
+    from accelerate import PartialState
+
     from hf_fcmoe.federation.simulation import run_simulation
 
     config = load_config(args.config, overrides)
     result = run_simulation(config, resume=args.resume)
+    if not PartialState().is_main_process:
+        return 0
     last = result.metrics[-1]
     print(
         f"\nfinished {last['round']} rounds of {last['method']}: global eval loss {last['global_eval_loss']:.4f}, "

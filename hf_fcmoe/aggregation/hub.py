@@ -32,6 +32,13 @@ class AggregationHub:
         self.server_lr = server_lr
         self.uses_retention = False
 
+    def state_dict(self) -> dict:
+        """Server-side state to checkpoint with a round (FedAvg keeps none)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` output when a run resumes."""
+
     def aggregate(self, global_state: State, updates: list[ClientUpdate], round: int | None = None) -> AggregationResult:
         accepted, rejected = partition_valid(updates, global_state, self.layout)
         diagnostics = {"round": round, "rejected": rejected, "num_accepted": len(accepted)}

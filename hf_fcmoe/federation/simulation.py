@@ -20,6 +20,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from accelerate import PartialState
+
 from hf_fcmoe.adapters import apply_expert_lora, build_lora_config
 from hf_fcmoe.aggregation import AggregationHub, AggregationResult, ClientUpdate
 from hf_fcmoe.aggregation.types import State
@@ -82,6 +84,9 @@ class FederatedSimulation:
         self.config = config
         self.run_dir = RunDirectory(config.output_dir)
         self.resume = resume
+        # Under `accelerate launch` every process runs this loop (local rounds train data-parallel, the
+        # hub's math is deterministic); only the main process writes the run directory.
+        self.process = PartialState()
         self._check_output_dir()
         # Everything that can fail on bad input happens here, before any training.
         self.data = load_federated_data(config.data_spec())
@@ -92,9 +97,10 @@ class FederatedSimulation:
         family = get_family(model.config)
         base_reference = config.model_name_or_path
         if is_tiny(config.model_name_or_path):
-            base_reference = (
-                str(base_dir.resolve()) if base_dir.exists() else save_base_model(model, self.tokenizer, base_dir)
-            )
+            if self.process.is_main_process and not base_dir.exists():
+                save_base_model(model, self.tokenizer, base_dir)
+            self.process.wait_for_everyone()
+            base_reference = str(base_dir.resolve())
         self.lora_config = build_lora_config(
             family, config.lora_r, config.lora_alpha, config.lora_targets, base_model_name_or_path=base_reference
         )
@@ -143,8 +149,10 @@ class FederatedSimulation:
     def _restore(self) -> tuple[int, State]:
         state = self.run_dir.read_state()
         last = int(state["last_round"])
-        self.run_dir.discard_uncommitted(last)
-        self.run_dir.truncate_metrics(last)
+        if self.process.is_main_process:
+            self.run_dir.discard_uncommitted(last)
+            self.run_dir.truncate_metrics(last)
+        self.process.wait_for_everyone()
         round_dir = self.run_dir.round_dir(last)
         global_state = load_adapter_weights(round_dir / "global")
         residual_dir = round_dir / "residuals"
@@ -156,30 +164,37 @@ class FederatedSimulation:
         return last, global_state
 
     def _start(self) -> tuple[int, State]:
-        self.run_dir.root.mkdir(parents=True, exist_ok=True)
-        (self.run_dir.root / "config.yaml").write_text(yaml.safe_dump(self.config.to_yaml_dict(), sort_keys=True))
-        self.run_dir.discard_uncommitted(-1)
-        if self.run_dir.metrics_file.exists():
-            self.run_dir.metrics_file.unlink()
+        if self.process.is_main_process:
+            self.run_dir.root.mkdir(parents=True, exist_ok=True)
+            (self.run_dir.root / "config.yaml").write_text(yaml.safe_dump(self.config.to_yaml_dict(), sort_keys=True))
+            self.run_dir.discard_uncommitted(-1)
+            if self.run_dir.metrics_file.exists():
+                self.run_dir.metrics_file.unlink()
+        self.process.wait_for_everyone()
         return 0, adapter_state(self.model)
 
     # --- the loop
     def run(self, on_round_end: Callable[[int, dict], None] | None = None) -> SimulationResult:
         last, global_state = self._restore() if self.resume else self._start()
         client_ids = self.data.client_ids
-        for cid in tqdm(client_ids, desc="preparing client data", leave=False):
+        quiet = not self.process.is_main_process
+        for cid in tqdm(client_ids, desc="preparing client data", leave=False, disable=quiet):
             self.splits[cid] = self.worker.prepare(self.data.train[cid], self.data.eval[cid])
         if last == 0 and not self.resume:
             row = self._evaluate(0, global_state, AggregationResult(global_state), [], 0.0)
             self._checkpoint(0, global_state, [], row)
         rounds = tqdm(
-            range(last + 1, self.config.num_rounds + 1), desc="rounds", initial=last, total=self.config.num_rounds
+            range(last + 1, self.config.num_rounds + 1),
+            desc="rounds",
+            initial=last,
+            total=self.config.num_rounds,
+            disable=quiet,
         )
         for round_index in rounds:
             started = time.perf_counter()
             sampled = sample_clients(client_ids, self.config.sampled_per_round, self.config.seed, round_index)
             updates = []
-            for cid in tqdm(sampled, desc=f"round {round_index} clients", leave=False):
+            for cid in tqdm(sampled, desc=f"round {round_index} clients", leave=False, disable=quiet):
                 retained = self.retained_part(cid)
                 updates.append(
                     self.worker.train(
@@ -229,6 +244,12 @@ class FederatedSimulation:
         return row
 
     def _checkpoint(self, round_index: int, global_state: State, updates: list[ClientUpdate], row: dict) -> None:
+        if self.process.is_main_process:
+            self._write_round(round_index, global_state, updates, row)
+        self.process.wait_for_everyone()
+
+    def _write_round(self, round_index: int, global_state: State, updates: list[ClientUpdate], row: dict) -> None:
+        """Stage the round's files, rename them into place, then record metrics and the resume point."""
         staging = self.run_dir.staging_dir(round_index)
         save_adapter_folder(staging / "global", global_state, self.lora_config)
         for update in updates:
@@ -246,7 +267,7 @@ class FederatedSimulation:
             (staging / "residuals").mkdir()
             for cid, residual in self.residuals.items():
                 self.run_dir.save_tensors(staging / "residuals" / f"{cid}.safetensors", residual)
-        hub_state = self.hub.state_dict() if hasattr(self.hub, "state_dict") else {}
+        hub_state = self.hub.state_dict()
         if hub_state:
             torch.save(hub_state, staging / "hub_state.pt")
         self.run_dir.commit_round(round_index, staging)
@@ -257,14 +278,15 @@ class FederatedSimulation:
         from hf_fcmoe.report import write_run_report
 
         root = self.run_dir.root
-        save_adapter_folder(root / "global", global_state, self.lora_config, self.tokenizer)
-        personalized_dirs = {}
-        for cid in self.data.client_ids:
-            path = root / "personalized" / cid
-            save_adapter_folder(path, self.personalized_state(global_state, cid), self.lora_config, self.tokenizer)
-            personalized_dirs[cid] = path
+        personalized_dirs = {cid: root / "personalized" / cid for cid in self.data.client_ids}
         metrics = self.run_dir.read_metrics()
-        report = write_run_report(root, metrics, self.data.label_counts)
+        report = root / "report.md"
+        if self.process.is_main_process:
+            save_adapter_folder(root / "global", global_state, self.lora_config, self.tokenizer)
+            for cid, path in personalized_dirs.items():
+                save_adapter_folder(path, self.personalized_state(global_state, cid), self.lora_config, self.tokenizer)
+            write_run_report(root, metrics, self.data.label_counts)
+        self.process.wait_for_everyone()
         return SimulationResult(root, root / "global", personalized_dirs, report, metrics)
 
 
