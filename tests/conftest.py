@@ -35,3 +35,18 @@ def tiny_run_config(tmp_path):
         return load_config(overrides={**TINY_RUN, "output_dir": str(tmp_path / name), **overrides})
 
     return make
+
+
+@pytest.fixture
+def dense_config():
+    """A tiny dense (non-MoE) Llama config: what the library must refuse."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+    )

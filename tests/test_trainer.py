@@ -173,22 +173,10 @@ def test_usual_dataset_formats_train(tmp_path, rows):
     assert update.expert_counts.sum() > 0 and update.train_loss > 0
 
 
-def test_dense_model_is_refused(tmp_path):
+def test_dense_model_is_refused(tmp_path, dense_config):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    dense = get_peft_model(
-        LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=300,
-            )
-        ),
-        LoraConfig(target_modules=["q_proj"]),
-    )
+    dense = get_peft_model(LlamaForCausalLM(dense_config), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="'llama' is not a supported Mixture-of-Experts"):
         FederatedMoETrainer(dense, args=_args(tmp_path), train_dataset=synthetic_domains(8))

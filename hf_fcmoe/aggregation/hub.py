@@ -39,7 +39,9 @@ class AggregationHub:
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()` output when a run resumes."""
 
-    def aggregate(self, global_state: State, updates: list[ClientUpdate], round: int | None = None) -> AggregationResult:
+    def aggregate(
+        self, global_state: State, updates: list[ClientUpdate], round: int | None = None
+    ) -> AggregationResult:
         accepted, rejected = partition_valid(updates, global_state, self.layout)
         diagnostics = {"round": round, "rejected": rejected, "num_accepted": len(accepted)}
         if not accepted:

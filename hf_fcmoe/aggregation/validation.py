@@ -35,7 +35,9 @@ def check_update(update: ClientUpdate, global_state: State, layout: ExpertLayout
             hint = ""
             if key in expected and tuple(reference.shape) == expected[key]:
                 hint = f" (layout rank {layout.pair_of(key).rank})"
-            raise UpdateRejected(cid, f"{key} has shape {tuple(tensor.shape)}, expected {tuple(reference.shape)}{hint}")
+            raise UpdateRejected(
+                cid, f"{key} has shape {tuple(tensor.shape)}, expected {tuple(reference.shape)}{hint}"
+            )
         if tensor.dtype != reference.dtype:
             raise UpdateRejected(cid, f"{key} has dtype {tensor.dtype}, expected {reference.dtype}")
         if not torch.isfinite(tensor).all():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from datasets import ClassLabel, Dataset, LargeList, List
+from datasets import ClassLabel, Dataset, Features, LargeList, List, Value
 from datasets import Sequence as HFSequence
 
 TASKS = ("lm", "classification")
@@ -56,7 +56,8 @@ def class_names(dataset: Dataset, label_column: str, label_names: Sequence[str] 
     feature = dataset.features[label_column]
     if isinstance(feature, ClassLabel):
         return list(feature.names)
-    return sorted({str(value) for value in dataset[label_column]}, key=lambda v: (len(v), v) if v.isdigit() else (0, v))
+    values = {str(value) for value in dataset[label_column]}
+    return sorted(values, key=lambda v: (0, int(v), v) if v.isdigit() else (1, 0, v))  # 2 before 10
 
 
 def _label_index(value: object, names: list[str], label_column: str) -> int:
@@ -90,8 +91,9 @@ def classification_format(
         prompt = template.format(text=row[text_column], labels=listed)
         return {"prompt": prompt, "completion": LABEL_PREFIX + names[index], "label": index}
 
-    converted = dataset.map(convert, remove_columns=dataset.column_names)
-    return converted.cast_column("label", ClassLabel(names=names))
+    features = Features({"prompt": Value("string"), "completion": Value("string"), "label": ClassLabel(names=names)})
+    converted = dataset.map(convert, remove_columns=dataset.column_names, features=features)
+    return converted.select_columns(list(features))
 
 
 def to_training_format(

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
-
 from accelerate import PartialState
+from tqdm.auto import tqdm
 
 from hf_fcmoe.adapters import apply_expert_lora, build_lora_config
 from hf_fcmoe.aggregation import AggregationHub, AggregationResult, ClientUpdate

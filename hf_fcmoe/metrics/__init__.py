@@ -6,7 +6,7 @@ Hub-hosted `evaluate` metrics are unreachable offline, so each metric we need li
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 METRICS_DIR = Path(__file__).parent
@@ -16,7 +16,7 @@ def available_metrics() -> list[str]:
     return sorted(p.name for p in METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_metric(name: str):
     """An `evaluate.EvaluationModule` for a metric shipped here (e.g. "accuracy"), loaded offline by path."""
     import evaluate

@@ -21,8 +21,9 @@ from hf_fcmoe.metrics import load_metric
 def label_scoring_accuracy(label_logprobs: Tensor, gold: Tensor) -> float:
     """Fraction of rows whose highest-scoring label (first one on ties) is the gold index; NaN when empty."""
     if label_logprobs.ndim != 2 or gold.shape != label_logprobs.shape[:1]:
-        raise ValueError(f"need scores (N, num_labels) and gold (N,), got {tuple(label_logprobs.shape)} and "
-                         f"{tuple(gold.shape)}")
+        raise ValueError(
+            f"need scores (N, num_labels) and gold (N,), got {tuple(label_logprobs.shape)} and {tuple(gold.shape)}"
+        )
     if len(gold) == 0:
         return float("nan")
     if gold.min() < 0 or gold.max() >= label_logprobs.shape[1]:
