@@ -50,7 +50,25 @@ class FederatedMoEConfig(SFTConfig):
     dataset_split: str = field(default="train", metadata={"help": "Split to load and partition."})
     num_examples: int | None = field(default=None, metadata={"help": "Subsample the source to this many rows."})
     label_column: str = field(default="label", metadata={"help": "Column used for label/domain skew."})
-    partition: str = field(default="dirichlet", metadata={"help": "Partitioner: iid, dirichlet, ..."})
+    task: str = field(
+        default="lm", metadata={"help": "lm, or classification (text + label trained as instruction -> label word)."}
+    )
+    text_column: str | None = field(
+        default=None, metadata={"help": "Text column; default: the first of text / prompt / messages present."}
+    )
+    class_names: list[str] | None = field(
+        default=None, metadata={"help": "Label words of a classification task (default: from the data)."}
+    )
+    prompt_template: str | None = field(
+        default=None, metadata={"help": "Classification instruction with {text} (and {labels}); default built in."}
+    )
+    partition: str = field(
+        default="dirichlet", metadata={"help": "Partitioner: iid, dirichlet, natural, quantity, shards."}
+    )
+    partition_column: str | None = field(
+        default=None, metadata={"help": "Column the partition skews on (default: label_column)."}
+    )
+    shards_per_client: int = field(default=2, metadata={"help": "Labels per client of the 'shards' partition."})
     dirichlet_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (smaller = more skew)."})
     min_partition_size: int = field(default=8, metadata={"help": "Minimum examples per client."})
     eval_fraction: float = field(default=0.2, metadata={"help": "Fraction of each client's rows held out for eval."})

@@ -39,7 +39,7 @@ def setup():
 def test_scores_are_the_hand_computed_sums(setup):
     model, tokenizer, ids = setup
     logp = torch.log_softmax(model.table.detach(), dim=-1)
-    scores = score_labels(model, tokenizer, ["ca", "cb"], ["x", "y", "xy"], batch_size=2, prefix="")
+    scores = score_labels(model, tokenizer, ["ca", "cb"], ["x", "y", "xy"], batch_size=2, prefix="", append_eos=False)
     expected = torch.tensor(
         [
             [logp[ids["a"], ids["x"]], logp[ids["a"], ids["y"]], logp[ids["a"], ids["x"]] + logp[ids["x"], ids["y"]]],
@@ -47,7 +47,12 @@ def test_scores_are_the_hand_computed_sums(setup):
         ]
     )
     torch.testing.assert_close(scores, expected)
-    torch.testing.assert_close(score_labels(model, tokenizer, ["ca", "cb"], ["x", "y", "xy"], 5, prefix=""), scores)
+    rebatched = score_labels(model, tokenizer, ["ca", "cb"], ["x", "y", "xy"], 5, prefix="", append_eos=False)
+    torch.testing.assert_close(rebatched, scores)
+    with_eos = score_labels(model, tokenizer, ["ca", "cb"], ["x", "y", "xy"], 3, prefix="")
+    eos = tokenizer.eos_token_id
+    last = [ids["x"], ids["y"], ids["y"]]
+    torch.testing.assert_close(with_eos - scores, torch.stack([logp[last, eos]] * 2))
     assert scores.argmax(dim=1).tolist() == [0, 1]
 
 

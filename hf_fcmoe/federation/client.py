@@ -72,6 +72,11 @@ class ClientWorker:
             )
         finally:
             datasets.enable_progress_bars()
+        if len(trainer.train_dataset) == 0:
+            raise ValueError(
+                f"no training rows left after tokenization (max_length={self.config.max_length}): every example's "
+                "loss tokens were truncated away; raise max_length or shorten the prompts"
+            )
         self.collator = trainer.data_collator
         return PreparedSplits(train=trainer.train_dataset, eval=trainer.eval_dataset)
 

@@ -27,7 +27,7 @@ from hf_fcmoe.aggregation.types import State
 from hf_fcmoe.config import FederatedMoEConfig
 from hf_fcmoe.data.federated import FederatedData, load_federated_data
 from hf_fcmoe.federation.client import ClientWorker, PreparedSplits, round_seed
-from hf_fcmoe.federation.round_metrics import evaluate_round, state_nbytes
+from hf_fcmoe.federation.round_metrics import accuracy_fields, evaluate_round, state_nbytes
 from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights, save_adapter_folder
 from hf_fcmoe.layout import ExpertLayout
 from hf_fcmoe.loading import is_tiny, load_base_model, save_base_model
@@ -226,6 +226,8 @@ class FederatedSimulation:
     ) -> dict:
         personalized = {cid: self.personalized_state(global_state, cid) for cid in self.residuals}
         row = evaluate_round(self.worker, self.splits, global_state, personalized)
+        if self.config.task == "classification":
+            row.update(accuracy_fields(self.worker, self.data.eval, global_state, personalized))
         row.update(
             round=round_index,
             method=self.config.aggregation_method,

@@ -33,18 +33,30 @@ def label_scoring_accuracy(label_logprobs: Tensor, gold: Tensor) -> float:
     return float(result["accuracy"])
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def _sequences(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -> list[tuple[list[int], int]]:
-    """(prompt + completion ids, number of prompt ids) for every prompt x completion pair, row-major."""
+    """(prompt + completion ids, where the completion starts) for every prompt x completion pair, row-major.
+
+    The completion starts where tokenize(prompt) and tokenize(prompt + completion) diverge, as in TRL.
+    """
     out = []
     for prompt in prompts:
         prompt_ids = tokenizer(prompt)["input_ids"]
-        if not prompt_ids:
-            raise ValueError("cannot score a label after an empty prompt (no token to condition on)")
         for completion in completions:
             ids = tokenizer(prompt + completion)["input_ids"]
-            if len(ids) <= len(prompt_ids):
-                raise ValueError(f"label completion {completion!r} adds no tokens after prompt {prompt[-40:]!r}")
-            out.append((ids, len(prompt_ids)))
+            start = _common_prefix(prompt_ids, ids)
+            if start == 0 or start == len(ids):
+                raise ValueError(
+                    f"cannot score completion {completion!r} after prompt {prompt[-40:]!r}: it needs a "
+                    "non-empty prompt and must add tokens"
+                )
+            out.append((ids, start))
     return out
 
 
@@ -61,9 +73,15 @@ def score_labels(
     label_words: Sequence[str],
     batch_size: int = 16,
     prefix: str = LABEL_PREFIX,
+    append_eos: bool = True,
 ) -> Tensor:
-    """(N, num_labels) sums of the label-word token log-likelihoods given each prompt (completion = prefix + word)."""
-    sequences = _sequences(tokenizer, prompts, [prefix + word for word in label_words])
+    """(N, num_labels) sums of the label-word token log-likelihoods given each prompt.
+
+    The scored completion is prefix + word (+ eos, as TRL appends it in training): the eos makes the
+    score that of the complete word, so a label that is a prefix of another ("Sci" / "Sci/Tech") is not favoured.
+    """
+    eos = tokenizer.eos_token if append_eos and tokenizer.eos_token else ""
+    sequences = _sequences(tokenizer, prompts, [prefix + word + eos for word in label_words])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     was_training = model.training
