@@ -40,3 +40,11 @@ def test_unknown_key_is_a_clear_error(capsys):
     code = main(["simulate", "--config", "recipes/tiny/fedavg.yaml", "--num_round", "2"])
     assert code == 2
     assert "unknown key(s) in recipe recipes/tiny/fedavg.yaml: ['num_round']" in capsys.readouterr().err
+
+
+def test_partition_prints_counts_and_saves_plot(tmp_path, capsys):
+    code = main(["partition", "--config", "recipes/tiny/fedavg.yaml", "--output_dir", str(tmp_path / "p")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "client_000" in printed and "addition" in printed
+    assert (tmp_path / "p" / "partition.png").exists()
