@@ -115,8 +115,8 @@ def test_refactor_is_the_truncated_svd_of_the_weighted_sum(seed, rank, num, shar
     gram_b, gram_a = lowrank.gram_matrices(xb, xa)
     cols = lowrank.block_expand(coef, rank)
     gram_bw = cols[:, :, None] * gram_b * cols[:, None, :]
-    ref_a = (gram_a.reshape(1, num, rank, -1) * coef[:, :, None, None]).sum(1)
     target_rank = rank if shared_a else rank * num
+    ref_a = (gram_a.reshape(1, num, rank, -1) * coef[:, :, None, None]).sum(1) if shared_a else gram_a
     t_a, t_b, err = lowrank.refactor(gram_a, gram_bw, ref_a, target_rank)
     new = (xb.double() @ (cols[:, :, None] * t_b)) @ (t_a @ xa.double())
     dense = sum(c * (b.double() @ a.double()) for c, b, a in zip(coef[0], bs, as_))
@@ -148,7 +148,12 @@ def test_factorize_dense_keeps_a_close_to_reference():
 
 
 @FAST
-@given(st.integers(0, 10_000), st.integers(1, 4), st.sampled_from([0.1, 0.5, 0.9]), st.sampled_from(["total", "frequency"]))
+@given(
+    st.integers(0, 10_000),
+    st.integers(1, 4),
+    st.sampled_from([0.1, 0.5, 0.9]),
+    st.sampled_from(["total", "frequency"]),
+)
 def test_ties_and_dare_match_peft(seed, num, density, sign_method):
     gen = torch.Generator().manual_seed(seed)
     deltas = torch.randn(num, 6, 5, generator=gen)
@@ -167,7 +172,11 @@ def test_server_optimizer_step_and_resume(kind):
     opt = ServerOptimizer(kind, lr=0.01)
     first = opt.step("w", param, delta)
     m = 0.1 * delta
-    v = 0.99 * 1e-6 + 0.01 * delta.square() if kind == "adam" else 1e-6 - 0.01 * delta.square() * torch.sign(1e-6 - delta.square())
+    v = (
+        0.99 * 1e-6 + 0.01 * delta.square()
+        if kind == "adam"
+        else 1e-6 - 0.01 * delta.square() * torch.sign(1e-6 - delta.square())
+    )
     torch.testing.assert_close(first, 0.01 * m / (v.sqrt() + 1e-3))
     clone = ServerOptimizer(kind, lr=0.01)
     clone.load_state_dict(opt.state_dict())

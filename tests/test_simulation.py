@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from hf_fcmoe.data.federated import load_federated_data
 from hf_fcmoe.evaluation import nll_sum_and_count
 from hf_fcmoe.federation.client import ClientWorker
-from hf_fcmoe.federation.run_dir import load_adapter_weights
+from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights
 from hf_fcmoe.federation.simulation import FederatedSimulation, run_simulation
 
 
@@ -156,3 +156,21 @@ def test_dense_base_model_is_refused(tiny_run_config, tmp_path, dense_config):
     dense_config.save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="'llama' is not a supported Mixture-of-Experts"):
         FederatedSimulation(tiny_run_config("dense", model_name_or_path=str(tmp_path / "dense")))
+
+
+def test_fcmoe_personalized_is_global_plus_lambda_residual(tiny_run_config):
+    config = tiny_run_config("fcmoe", aggregation_method="fcmoe", retention_lambda=0.5)
+    result = run_simulation(config)
+    root = result.output_dir
+    global_state = load_adapter_weights(result.global_dir)
+    residual_dir = root / "rounds" / str(config.num_rounds) / "residuals"
+    residual_files = sorted(residual_dir.glob("*.safetensors"))
+    assert residual_files, "fcmoe with retention kept no residuals"
+    for path in residual_files:
+        residual = RunDirectory.load_tensors(path)
+        personalized = load_adapter_weights(result.personalized_dirs[path.stem])
+        for key, tensor in global_state.items():
+            torch.testing.assert_close(personalized[key], tensor + 0.5 * residual[key], rtol=0, atol=1e-7)
+    last = result.metrics[-1]
+    assert len(last["conflict_rate_per_layer"]) == 2 and 0.0 <= last["conflict_rate"] <= 1.0
+    assert (root / "plots" / "conflicts.png").exists()

@@ -70,8 +70,8 @@ class _PairData:
     """One LoRA pair's client data for a round: factor deltas (factor mode) or stacked factors (exact mode)."""
 
     pair: LoraPair
-    d_b: torch.Tensor | None = None  # (N, out, E*r) client B minus global B, float32
-    d_a: torch.Tensor | None = None  # (N, E*r, in)
+    d_b: torch.Tensor | None = None  # (N, E, out, r) client B minus global B per expert, float32
+    d_a: torch.Tensor | None = None  # (N, E, r, in)
     xb: torch.Tensor | None = None  # (E, out, (N+1) r), block 0 is the global
     xa: torch.Tensor | None = None  # (E, (N+1) r, in)
     gram_b: torch.Tensor | None = None
@@ -356,21 +356,16 @@ class AggregationHub:
             )
             gram_b, gram_a = lowrank.gram_matrices(xb, xa)
             return _PairData(pair, xb=xb, xa=xa, gram_b=gram_b, gram_a=gram_a)
-        d_b = torch.stack([u.state[pair.b_key].float() - g_b.float() for u in rd.updates])
-        d_a = torch.stack([u.state[pair.a_key].float() - g_a.float() for u in rd.updates])
-        return _PairData(pair, d_b=d_b, d_a=d_a)
+        return _factor_deltas(pair, g_b, g_a, rd.updates)
 
     def _delta_gram(self, data: _PairData) -> torch.Tensor:
         """(E, N, N) inner products of the client deltas of each expert of this pair."""
         pair = data.pair
-        experts, rank = pair.num_experts, pair.rank
         if data.d_b is not None:
-            num = data.d_b.shape[0]
-            db = data.d_b.reshape(num, -1, rank, experts)
-            da = data.d_a.reshape(num, experts, rank, -1)
-            gram = torch.einsum("nore,more->enm", db, db) + torch.einsum("neri,meri->enm", da, da)
+            flat_b, flat_a = _expert_major(data.d_b), _expert_major(data.d_a)
+            gram = torch.bmm(flat_b, flat_b.transpose(1, 2)) + torch.bmm(flat_a, flat_a.transpose(1, 2))
             return gram.double()
-        k = lowrank.product_gram(data.gram_b, data.gram_a, rank) * pair.scaling**2
+        k = lowrank.product_gram(data.gram_b, data.gram_a, pair.rank) * pair.scaling**2
         return k[:, 1:, 1:] - k[:, 1:, :1] - k[:, :1, 1:] + k[:, :1, :1]
 
     def _apply(
@@ -399,25 +394,15 @@ class AggregationHub:
         if data.d_b is not None:
             return data
         pair = data.pair
-        g_b, g_a = rd.global_state[pair.b_key].float(), rd.global_state[pair.a_key].float()
-        return _PairData(
-            pair,
-            d_b=torch.stack([u.state[pair.b_key].float() - g_b for u in rd.updates]),
-            d_a=torch.stack([u.state[pair.a_key].float() - g_a for u in rd.updates]),
-        )
+        return _factor_deltas(pair, rd.global_state[pair.b_key], rd.global_state[pair.a_key], rd.updates)
 
     @staticmethod
     def _combine(data: _PairData, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """sum_n coef[e, n] * delta_n per expert e, in the PEFT layout: ((out, E r), (E r, in)), float32."""
-        experts, rank = data.pair.num_experts, data.pair.rank
-        coef = coef.float()
-        out_b = torch.zeros_like(data.d_b[0]).reshape(-1, rank, experts)
-        out_a = torch.zeros_like(data.d_a[0]).reshape(experts, rank, -1)
-        for n in range(data.d_b.shape[0]):
-            if bool((coef[:, n] != 0).any()):
-                out_b.add_(data.d_b[n].reshape(-1, rank, experts) * coef[:, n])
-                out_a.add_(data.d_a[n].reshape(experts, rank, -1) * coef[:, n, None, None])
-        return out_b.reshape(data.d_b.shape[1:]), out_a.reshape(data.d_a.shape[1:])
+        """sum_n coef[e, n] * delta_n per expert e (one batched product), in the PEFT layout, float32."""
+        coef = coef.float()[:, None, :]
+        out_b = torch.bmm(coef, _expert_major(data.d_b)).reshape(data.d_b.shape[1:])
+        out_a = torch.bmm(coef, _expert_major(data.d_a)).reshape(data.d_a.shape[1:])
+        return merge_expert_b(out_b), merge_expert_a(out_a)
 
     def _residuals(self, rd: _Round, data: _PairData, residual: torch.Tensor) -> None:
         """rho_i = sum_j residual[e, i, j] d_j for every client with a conflict on this pair (factor space)."""
@@ -483,8 +468,8 @@ class AggregationHub:
         g_b, g_a = rd.global_state[pair.b_key], rd.global_state[pair.a_key]
         if data.d_b is not None:
             # B is (E_rows, r): scale each client's row deltas by that expert's weight.
-            new_b = g_b.float() + self.server_lr * torch.einsum("en,ner->er", rows.float(), data.d_b)
-            new_a = g_a.float() + self.server_lr * torch.einsum("n,nri->ri", sizes.float(), data.d_a)
+            new_b = g_b.float() + self.server_lr * torch.einsum("en,ner->er", rows.float(), data.d_b[:, 0])
+            new_a = g_a.float() + self.server_lr * torch.einsum("n,nri->ri", sizes.float(), data.d_a[:, 0])
             untouched = rows.abs().sum(-1) == 0
             new_b[untouched] = g_b.float()[untouched]
         else:
@@ -617,3 +602,20 @@ def _products(pair: LoraPair, state: State) -> torch.Tensor:
     """(E, out, in) scaled product deltas B_e @ A_e of one pair, in the factors' own orientation."""
     b, a = pair.expert_factors(state)
     return torch.bmm(b.float(), a.float()) * pair.scaling
+
+
+def _factor_deltas(pair: LoraPair, g_b: torch.Tensor, g_a: torch.Tensor, updates: list[ClientUpdate]) -> _PairData:
+    """Client-minus-global factors in expert-major layout, written in one pass per client."""
+    experts, num = pair.num_experts, len(updates)
+    base_b, base_a = split_expert_b(g_b.float(), experts), split_expert_a(g_a.float(), experts)
+    d_b = torch.empty(num, *base_b.shape)
+    d_a = torch.empty(num, *base_a.shape)
+    for n, update in enumerate(updates):
+        torch.sub(split_expert_b(update.state[pair.b_key].float(), experts), base_b, out=d_b[n])
+        torch.sub(split_expert_a(update.state[pair.a_key].float(), experts), base_a, out=d_a[n])
+    return _PairData(pair, d_b=d_b, d_a=d_a)
+
+
+def _expert_major(deltas: torch.Tensor) -> torch.Tensor:
+    """(N, E, ...) -> (E, N, L) view: one row per client for each expert, rows contiguous."""
+    return deltas.reshape(deltas.shape[0], deltas.shape[1], -1).transpose(0, 1)

@@ -20,7 +20,7 @@ class UpdateRejected(ValueError):
 def check_update(update: ClientUpdate, global_state: State, layout: ExpertLayout) -> None:
     """Raise `UpdateRejected` if `update` does not fit `global_state` and `layout`."""
     cid = update.client_id
-    if not isinstance(update.num_examples, int) or update.num_examples <= 0:
+    if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int) or update.num_examples <= 0:
         raise UpdateRejected(cid, f"num_examples must be a positive integer, got {update.num_examples!r}")
     missing = sorted(set(global_state) - set(update.state))
     extra = sorted(set(update.state) - set(global_state))
@@ -33,8 +33,10 @@ def check_update(update: ClientUpdate, global_state: State, layout: ExpertLayout
         tensor = update.state[key]
         if tuple(tensor.shape) != tuple(reference.shape):
             hint = ""
-            if key in expected and tuple(reference.shape) == expected[key]:
-                hint = f" (layout rank {layout.pair_of(key).rank})"
+            if key in expected and tuple(reference.shape) == expected[key] and tensor.dim() == 2:
+                pair = layout.pair_of(key)
+                size = tensor.shape[0] if key == pair.a_key else tensor.shape[1]
+                hint = f" (rank {size / pair.num_experts:g} differs from layout rank {pair.rank})"
             raise UpdateRejected(
                 cid, f"{key} has shape {tuple(tensor.shape)}, expected {tuple(reference.shape)}{hint}"
             )
@@ -46,6 +48,8 @@ def check_update(update: ClientUpdate, global_state: State, layout: ExpertLayout
         shape = (layout.num_layers, layout.num_experts)
         if tuple(update.expert_counts.shape) != shape:
             raise UpdateRejected(cid, f"expert_counts has shape {tuple(update.expert_counts.shape)}, expected {shape}")
+        if update.expert_counts.dtype.is_floating_point or update.expert_counts.dtype == torch.bool:
+            raise UpdateRejected(cid, f"expert_counts must be integer token counts, got {update.expert_counts.dtype}")
         if (update.expert_counts < 0).any():
             raise UpdateRejected(cid, "expert_counts contains negative counts")
 
