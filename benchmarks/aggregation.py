@@ -208,7 +208,8 @@ def main() -> None:
         f"{size_mb:.0f} MB fp32 per client; threads: {torch.get_num_threads()}"
     )
     print(
-        f"Machine: plain matmul {gflops:.0f} GFLOP/s (fp32 {1024 if args.small else 4096}^2), thin Gram {thin_gflops:.0f} GFLOP/s"
+        f"Machine: plain matmul {gflops:.0f} GFLOP/s (fp32 {1024 if args.small else 4096}^2), "
+        f"thin Gram {thin_gflops:.0f} GFLOP/s"
     )
     print(
         f"Exact mode flops: {done / 1e9:.1f} GFLOP done (K=(N+1)r Grams + apply), floor {floor / 1e9:.1f} GFLOP "
@@ -224,7 +225,8 @@ def main() -> None:
             notes.append(f"trunc. err max {row['truncation_error']['max']:.3f}")
         if mode == "fcmoe-exact":
             notes.append(
-                f"{row['time_s'] / (floor / gflops / 1e9):.1f}x the floor; {done / row['time_s'] / 1e9:.0f} GFLOP/s achieved"
+                f"{row['time_s'] / (floor / gflops / 1e9):.1f}x the floor; "
+                f"{done / row['time_s'] / 1e9:.0f} GFLOP/s achieved"
             )
         if mode == "dense":
             notes.append(f"extrapolated from {args.dense_layers} layer(s); experts only")
@@ -233,9 +235,8 @@ def main() -> None:
         time_ratio = f"{row['time_s'] / ref['time_s']:.2f}" if ref else "-"
         peak_ratio = f"{row['peak_mb'] / ref['peak_mb']:.2f}" if ref else "-"
         working = row["peak_mb"] - row["baseline_mb"]
-        print(
-            f"| {mode} | {row['time_s']:.2f} | {time_ratio} | {row['peak_mb']:.0f} | {peak_ratio} | {working:.0f} | {'; '.join(notes)} |"
-        )
+        cells = [mode, f"{row['time_s']:.2f}", time_ratio, f"{row['peak_mb']:.0f}", peak_ratio, f"{working:.0f}"]
+        print("| " + " | ".join(cells + ["; ".join(notes)]) + " |")
 
 
 if __name__ == "__main__":
