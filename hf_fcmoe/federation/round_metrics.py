@@ -4,8 +4,10 @@ each client's personalized adapter on its own split (mean and std over clients, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+from datasets import Dataset
 
 from hf_fcmoe.aggregation.types import State
 from hf_fcmoe.evaluation import nll_sum_and_count
@@ -18,20 +20,31 @@ def state_nbytes(state: State) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
 
 
-def _client_losses(worker, splits, state: State, client_ids) -> dict[str, tuple[float, int]]:
-    load_adapter_state(worker.model, state)
-    return {
-        cid: nll_sum_and_count(worker.model, splits[cid].eval, worker.collator, worker.config.eval_batch_size)
-        for cid in client_ids
-    }
+@dataclass
+class ClientScore:
+    """One adapter state on one client's eval split."""
+
+    nll_sum: float
+    tokens: int
+    accuracy: float | None = None
+
+    @property
+    def loss(self) -> float:
+        return self.nll_sum / self.tokens if self.tokens else math.nan
 
 
-def _client_accuracies(worker, raw_eval: dict, state: State, client_ids) -> dict[str, float]:
+def _score_state(worker, splits: dict, state: State, client_ids, raw_eval: dict[str, Dataset] | None):
+    """Load `state` once and score it on each client's split (loss; accuracy when `raw_eval` is given)."""
     load_adapter_state(worker.model, state)
-    return {
-        cid: evaluate_label_scoring(worker.model, worker.tokenizer, raw_eval[cid], worker.config.eval_batch_size)
-        for cid in client_ids
-    }
+    batch_size = worker.config.eval_batch_size
+    scores = {}
+    for cid in client_ids:
+        nll_sum, tokens = nll_sum_and_count(worker.model, splits[cid].eval, worker.collator, batch_size)
+        accuracy = None
+        if raw_eval is not None:
+            accuracy = evaluate_label_scoring(worker.model, worker.tokenizer, raw_eval[cid], batch_size)
+        scores[cid] = ClientScore(nll_sum, tokens, accuracy)
+    return scores
 
 
 def _mean_std_fields(prefix: str, per_client: dict[str, float]) -> dict:
@@ -43,39 +56,37 @@ def _mean_std_fields(prefix: str, per_client: dict[str, float]) -> dict:
     }
 
 
-def accuracy_fields(worker, raw_eval: dict, global_state: State, personalized: dict[str, State]) -> dict:
-    """Label-scoring accuracy of the global adapter (per client and on the union, weighted by split size)
-    and of each client's personalized adapter on its own split."""
-    client_ids = list(raw_eval)
-    global_per_client = _client_accuracies(worker, raw_eval, global_state, client_ids)
-    sizes = {cid: len(raw_eval[cid]) for cid in client_ids}
-    local_per_client = dict(global_per_client)
-    for cid, state in personalized.items():
-        local_per_client.update(_client_accuracies(worker, raw_eval, state, [cid]))
-    return {
-        "global_accuracy": sum(global_per_client[c] * sizes[c] for c in client_ids) / sum(sizes.values()),
-        "global_accuracy_per_client": global_per_client,
-        **_mean_std_fields("local_accuracy", local_per_client),
-    }
-
-
-def evaluate_round(worker, splits: dict, global_state: State, personalized: dict[str, State]) -> dict:
+def evaluate_round(
+    worker,
+    splits: dict,
+    global_state: State,
+    personalized: dict[str, State],
+    raw_eval: dict[str, Dataset] | None = None,
+) -> dict:
     """Metric fields of one round. Clients without a personalized state are evaluated with the global one.
 
     The union loss is token-weighted over all client eval splits (the global eval set is their union),
-    computed from the same passes as the per-client numbers.
+    computed from the same passes as the per-client numbers. With `raw_eval` (classification splits) the
+    label-scoring accuracy is added: global per client and on the union (weighted by split size), and each
+    client's personalized adapter on its own split.
     """
     client_ids = list(splits)
-    global_sums = _client_losses(worker, splits, global_state, client_ids)
-    total = sum(s for s, _ in global_sums.values())
-    count = sum(c for _, c in global_sums.values())
-    global_per_client = {cid: s / c if c else math.nan for cid, (s, c) in global_sums.items()}
-    local_per_client = dict(global_per_client)
+    global_scores = _score_state(worker, splits, global_state, client_ids, raw_eval)
+    local_scores = dict(global_scores)
     for cid, state in personalized.items():
-        ((loss_sum, loss_count),) = _client_losses(worker, splits, state, [cid]).values()
-        local_per_client[cid] = loss_sum / loss_count if loss_count else math.nan
-    return {
-        "global_eval_loss": total / count if count else math.nan,
-        "global_eval_loss_per_client": global_per_client,
-        **_mean_std_fields("local_eval_loss", local_per_client),
+        local_scores.update(_score_state(worker, splits, state, [cid], raw_eval))
+    tokens = sum(score.tokens for score in global_scores.values())
+    row = {
+        "global_eval_loss": sum(score.nll_sum for score in global_scores.values()) / tokens if tokens else math.nan,
+        "global_eval_loss_per_client": {cid: score.loss for cid, score in global_scores.items()},
+        **_mean_std_fields("local_eval_loss", {cid: score.loss for cid, score in local_scores.items()}),
     }
+    if raw_eval is not None:
+        sizes = {cid: len(raw_eval[cid]) for cid in client_ids}
+        global_accuracy = {cid: score.accuracy for cid, score in global_scores.items()}
+        row.update(
+            global_accuracy=sum(global_accuracy[c] * sizes[c] for c in client_ids) / sum(sizes.values()),
+            global_accuracy_per_client=global_accuracy,
+            **_mean_std_fields("local_accuracy", {cid: score.accuracy for cid, score in local_scores.items()}),
+        )
+    return row

@@ -101,6 +101,11 @@ class RunDirectory:
             if child.name.startswith(".staging-") or (child.name.isdigit() and int(child.name) > last_round):
                 shutil.rmtree(child)
 
+    def roll_back_to(self, last_round: int) -> None:
+        """Forget everything an interrupted run wrote after `last_round` (round folders and metric rows)."""
+        self.discard_uncommitted(last_round)
+        self.truncate_metrics(last_round)
+
     # --- metrics
     def append_metrics(self, row: dict) -> None:
         with self.metrics_file.open("a") as handle:

@@ -27,7 +27,7 @@ from hf_fcmoe.aggregation.types import State
 from hf_fcmoe.config import FederatedMoEConfig
 from hf_fcmoe.data.federated import FederatedData, load_federated_data
 from hf_fcmoe.federation.client import ClientWorker, PreparedSplits, round_seed
-from hf_fcmoe.federation.round_metrics import accuracy_fields, evaluate_round, state_nbytes
+from hf_fcmoe.federation.round_metrics import evaluate_round, state_nbytes
 from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights, save_adapter_folder
 from hf_fcmoe.layout import ExpertLayout
 from hf_fcmoe.loading import is_tiny, load_base_model, save_base_model
@@ -96,9 +96,8 @@ class FederatedSimulation:
         family = get_family(model.config)
         base_reference = config.model_name_or_path
         if is_tiny(config.model_name_or_path):
-            if self.process.is_main_process and not base_dir.exists():
-                save_base_model(model, self.tokenizer, base_dir)
-            self.process.wait_for_everyone()
+            # the existence check runs on the main process only: every process must reach the barrier
+            self._on_main_process(lambda: base_dir.exists() or save_base_model(model, self.tokenizer, base_dir))
             base_reference = str(base_dir.resolve())
         self.lora_config = build_lora_config(
             family, config.lora_r, config.lora_alpha, config.lora_targets, base_model_name_or_path=base_reference
@@ -130,6 +129,12 @@ class FederatedSimulation:
                 f"{root} already holds a run; pass --resume to continue it or --overwrite_output_dir true"
             )
 
+    def _on_main_process(self, write: Callable[[], object]) -> None:
+        """Run `write` on the main process only, then let every process continue together."""
+        if self.process.is_main_process:
+            write()
+        self.process.wait_for_everyone()
+
     # --- state helpers
     def personalized_state(self, global_state: State, client_id: str) -> State:
         return _add_scaled(global_state, self.residuals.get(client_id), self.hub_retention)
@@ -148,10 +153,7 @@ class FederatedSimulation:
     def _restore(self) -> tuple[int, State]:
         state = self.run_dir.read_state()
         last = int(state["last_round"])
-        if self.process.is_main_process:
-            self.run_dir.discard_uncommitted(last)
-            self.run_dir.truncate_metrics(last)
-        self.process.wait_for_everyone()
+        self._on_main_process(lambda: self.run_dir.roll_back_to(last))
         round_dir = self.run_dir.round_dir(last)
         global_state = load_adapter_weights(round_dir / "global")
         residual_dir = round_dir / "residuals"
@@ -163,14 +165,14 @@ class FederatedSimulation:
         return last, global_state
 
     def _start(self) -> tuple[int, State]:
-        if self.process.is_main_process:
-            self.run_dir.root.mkdir(parents=True, exist_ok=True)
-            (self.run_dir.root / "config.yaml").write_text(yaml.safe_dump(self.config.to_yaml_dict(), sort_keys=True))
-            self.run_dir.discard_uncommitted(-1)
-            if self.run_dir.metrics_file.exists():
-                self.run_dir.metrics_file.unlink()
-        self.process.wait_for_everyone()
+        self._on_main_process(self._write_fresh_run)
         return 0, adapter_state(self.model)
+
+    def _write_fresh_run(self) -> None:
+        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        (self.run_dir.root / "config.yaml").write_text(yaml.safe_dump(self.config.to_yaml_dict(), sort_keys=True))
+        self.run_dir.discard_uncommitted(-1)
+        self.run_dir.metrics_file.unlink(missing_ok=True)
 
     # --- the loop
     def run(self, on_round_end: Callable[[int, dict], None] | None = None) -> SimulationResult:
@@ -225,9 +227,8 @@ class FederatedSimulation:
         seconds: float,
     ) -> dict:
         personalized = {cid: self.personalized_state(global_state, cid) for cid in self.residuals}
-        row = evaluate_round(self.worker, self.splits, global_state, personalized)
-        if self.config.task == "classification":
-            row.update(accuracy_fields(self.worker, self.data.eval, global_state, personalized))
+        raw_eval = self.data.eval if self.config.task == "classification" else None
+        row = evaluate_round(self.worker, self.splits, global_state, personalized, raw_eval)
         row.update(
             round=round_index,
             method=self.config.aggregation_method,
@@ -245,9 +246,7 @@ class FederatedSimulation:
         return row
 
     def _checkpoint(self, round_index: int, global_state: State, updates: list[ClientUpdate], row: dict) -> None:
-        if self.process.is_main_process:
-            self._write_round(round_index, global_state, updates, row)
-        self.process.wait_for_everyone()
+        self._on_main_process(lambda: self._write_round(round_index, global_state, updates, row))
 
     def _write_round(self, round_index: int, global_state: State, updates: list[ClientUpdate], row: dict) -> None:
         """Stage the round's files, rename them into place, then record metrics and the resume point."""
@@ -281,14 +280,15 @@ class FederatedSimulation:
         root = self.run_dir.root
         personalized_dirs = {cid: root / "personalized" / cid for cid in self.data.client_ids}
         metrics = self.run_dir.read_metrics()
-        report = root / "report.md"
-        if self.process.is_main_process:
+
+        def write_final() -> None:
             save_adapter_folder(root / "global", global_state, self.lora_config, self.tokenizer)
             for cid, path in personalized_dirs.items():
                 save_adapter_folder(path, self.personalized_state(global_state, cid), self.lora_config, self.tokenizer)
             write_run_report(root, metrics, self.data.label_counts)
-        self.process.wait_for_everyone()
-        return SimulationResult(root, root / "global", personalized_dirs, report, metrics)
+
+        self._on_main_process(write_final)
+        return SimulationResult(root, root / "global", personalized_dirs, root / "report.md", metrics)
 
 
 def run_simulation(config: FederatedMoEConfig, resume: bool = False, **kwargs) -> SimulationResult:
