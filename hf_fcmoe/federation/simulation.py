@@ -34,7 +34,7 @@ from hf_fcmoe.loading import is_tiny, load_base_model, save_base_model
 from hf_fcmoe.moe import get_family
 from hf_fcmoe.trainer import adapter_state
 
-RESUME_IGNORED_KEYS = {"output_dir", "num_rounds"}
+RESUME_IGNORED_KEYS = {"output_dir", "num_rounds", "overwrite_output_dir"}
 
 
 @dataclass
