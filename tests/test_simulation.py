@@ -88,7 +88,7 @@ def test_resume_equals_uninterrupted(finished_run, tiny_run_config):
         if round_index == 1:
             raise Interrupt
 
-    interrupted = tiny_run_config("interrupted")
+    interrupted = tiny_run_config("interrupted", overwrite_output_dir=True)  # how it started is not compared
     with pytest.raises(Interrupt):
         run_simulation(interrupted, on_round_end=stop_after_first)
     assert json.loads(open(f"{interrupted.output_dir}/state.json").read())["last_round"] == 1
