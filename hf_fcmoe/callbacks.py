@@ -24,19 +24,30 @@ class ExpertTokenCounter:
     """Forward hooks on every router that accumulate top-k routing counts, shape (num_layers, num_experts).
 
     Padding is excluded: a pre-hook on the model keeps the batch's attention mask, and a router's
-    flattened (batch*seq) tokens are masked with it. Hooks fire only in training mode and never
-    during the backward-time recompute of activation checkpointing, so each token counts once.
+    flattened (batch*seq) tokens are masked with it. Hooks never fire during the backward-time recompute
+    of activation checkpointing, so each token counts once; with `training_only` (the default, for a
+    local round) they also skip eval-mode forwards, and without it they measure routing at inference.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, training_only: bool = True):
+        self.training_only = training_only
         config = model.config
         family = get_family(config)
-        self.counts = torch.zeros(config.num_hidden_layers, family.num_experts(config), dtype=torch.long)
+        self.num_layers, self.num_experts = config.num_hidden_layers, family.num_experts(config)
+        # accumulated where the router runs (no host sync per step); padding goes to an overflow bin
+        self._buffer: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._handles = [model.register_forward_pre_hook(self._keep_mask, with_kwargs=True)]
         for name, module in model.named_modules():
             if name.endswith(family.router_path) and layer_index(name) is not None and not name.endswith("base_layer"):
                 self._handles.append(module.register_forward_hook(self._count_hook(layer_index(name))))
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Routed tokens per (layer, expert) so far, a CPU long tensor."""
+        if self._buffer is None:
+            return torch.zeros(self.num_layers, self.num_experts, dtype=torch.long)
+        return self._buffer[:, : self.num_experts].cpu()
 
     def _keep_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
@@ -44,19 +55,24 @@ class ExpertTokenCounter:
 
     def _count_hook(self, layer: int):
         def hook(module: nn.Module, inputs: tuple, output) -> None:
-            if not module.training or _in_backward():
+            if (self.training_only and not module.training) or _in_backward():
                 return None
             top_k_index = output[2] if isinstance(output, tuple) else output
             flat = top_k_index.reshape(-1, top_k_index.shape[-1])
             if self._mask is not None and self._mask.numel() == flat.shape[0]:
-                flat = flat[self._mask.reshape(-1).to(flat.device).bool()]
-            self.counts[layer] += torch.bincount(flat.reshape(-1).cpu(), minlength=self.counts.shape[1])
+                padding = ~self._mask.reshape(-1, 1).to(device=flat.device, dtype=torch.bool)
+                flat = flat.masked_fill(padding, self.num_experts)
+            if self._buffer is None:
+                self._buffer = torch.zeros(self.num_layers, self.num_experts + 1, dtype=torch.long, device=flat.device)
+            flat = flat.reshape(-1)
+            self._buffer[layer].scatter_add_(0, flat, torch.ones_like(flat))
             return None
 
         return hook
 
     def reset(self) -> None:
-        self.counts.zero_()
+        if self._buffer is not None:
+            self._buffer.zero_()
 
     def remove(self) -> None:
         for handle in self._handles:

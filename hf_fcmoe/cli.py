@@ -60,6 +60,26 @@ def _partition(args: argparse.Namespace, overrides: dict) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, overrides: dict) -> int:
+    from hf_fcmoe.bench import load_bench_config, run_bench
+
+    bench = load_bench_config(args.config, overrides)
+    command = " ".join(["hf-fcmoe bench --config", args.config, *args.raw_overrides])
+    print(f"report: {run_bench(bench, command=command)}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace, overrides: dict) -> int:
+    from hf_fcmoe.bench import load_bench_config
+    from hf_fcmoe.bench.runner import prepare_base
+
+    bench = load_bench_config(args.config, overrides)
+    if bench.pretrain is None:
+        raise ValueError(f"{args.config} has no 'pretrain' section")
+    print(f"base model: {prepare_base(bench)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-fcmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,12 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     partition = sub.add_parser("partition", help="print per-client label counts and save a stacked-bar plot")
     partition.add_argument("--config", required=True, help="recipe YAML (its data fields are used)")
     partition.set_defaults(handler=_partition)
+    bench = sub.add_parser("bench", help="run a benchmark grid (methods x alphas x seeds) and write report.md")
+    bench.add_argument("--config", required=True, help="bench YAML (BenchConfig fields; --run.<field> reaches runs)")
+    bench.set_defaults(handler=_bench)
+    pretrain = sub.add_parser("pretrain", help="pretrain (or reuse) the tiny MoE base of a bench YAML")
+    pretrain.add_argument("--config", required=True, help="bench YAML with a 'pretrain' section")
+    pretrain.set_defaults(handler=_pretrain)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    args.raw_overrides = rest
     try:
         return args.handler(args, parse_overrides(rest))
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as error:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
@@ -20,6 +20,8 @@ from trl import SFTConfig
 
 from hf_fcmoe.adapters import TARGET_CHOICES
 from hf_fcmoe.data.federated import DataSpec
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -46,7 +48,10 @@ class FederatedMoEConfig(SFTConfig):
         default="synthetic_domains",
         metadata={"help": "Bundled source name, local .json/.jsonl/.csv/.parquet file, or Hub dataset id."},
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
+    dataset_config: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset config name; for synthetic_domains a comma-separated subset of its domains."},
+    )
     dataset_split: str = field(default="train", metadata={"help": "Split to load and partition."})
     num_examples: int | None = field(default=None, metadata={"help": "Subsample the source to this many rows."})
     label_column: str = field(default="label", metadata={"help": "Column used for label/domain skew."})
@@ -98,6 +103,8 @@ class FederatedMoEConfig(SFTConfig):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for; torch warns on every local round otherwise
         self.report_to = self.report_to if self.report_to not in (None, "all") else "none"
         super().__post_init__()
         self._validate_federation()
@@ -159,24 +166,28 @@ def _as_number(value: Any) -> Any:
     return value
 
 
-def _coerce_floats(values: dict[str, Any]) -> dict[str, Any]:
-    float_fields = {f.name for f in fields(FederatedMoEConfig) if "float" in str(f.type)}
+def _coerce_floats(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    float_fields = {f.name for f in fields(cls) if "float" in str(f.type)}
     return {key: _as_number(value) if key in float_fields else value for key, value in values.items()}
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FederatedMoEConfig:
-    """Read a recipe YAML, apply overrides, and build the config; unknown keys raise a ValueError naming them."""
+def load_yaml_dataclass(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Build dataclass `cls` from a YAML mapping plus overrides; unknown keys raise a ValueError naming them."""
     values: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        values = yaml.safe_load(text) or {}
+        values = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"recipe {path} must be a YAML mapping of config fields")
+            raise ValueError(f"recipe {path} must be a YAML mapping of {cls.__name__} fields")
     values.update(overrides or {})
-    known = {f.name for f in fields(FederatedMoEConfig) if f.init}
+    known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(values) - known)
     if unknown:
         where = f"recipe {path}" if path else "overrides"
         raise ValueError(f"unknown key(s) in {where}: {unknown}")
-    (config,) = HfArgumentParser(FederatedMoEConfig).parse_dict(_coerce_floats(values), allow_extra_keys=False)
+    (config,) = HfArgumentParser(cls).parse_dict(_coerce_floats(cls, values), allow_extra_keys=False)
     return config
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FederatedMoEConfig:
+    """Read a recipe YAML, apply overrides, and build the config; unknown keys raise a ValueError naming them."""
+    return load_yaml_dataclass(FederatedMoEConfig, path, overrides)

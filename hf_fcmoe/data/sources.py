@@ -22,7 +22,10 @@ HUB_PROBE_TIMEOUT_S = float(os.environ.get("HF_FCMOE_HUB_TIMEOUT", "3"))
 _TRUE = {"1", "true", "yes", "on"}
 
 BUNDLED: dict[str, Callable[[str | None, int | None, int], Dataset]] = {
-    "synthetic_domains": lambda config, num_examples, seed: synthetic_domains(num_examples or 2048, seed=seed),
+    # dataset_config of synthetic_domains: a comma-separated subset of its domains ("sort,count")
+    "synthetic_domains": lambda config, num_examples, seed: synthetic_domains(
+        num_examples or 2048, domains=config.split(",") if config else None, seed=seed
+    ),
     **{name: (lambda config, num_examples, seed, make=make: make(config)) for name, make in BUNDLED_CORPORA.items()},
 }
 

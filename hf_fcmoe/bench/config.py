@@ -1,0 +1,113 @@
+"""`BenchConfig`: one YAML is one benchmark (the grid, the shared run fields, the base to pretrain).
+
+Every run of the grid is a `FederatedMoEConfig` built from ``run`` (fields shared by all runs) plus
+the method's overrides plus the cell's ``dirichlet_alpha`` and ``seed``. The seed fixes the
+partition, the LoRA initialisation and client sampling, so all methods of one (alpha, seed) cell
+start from the same data split and the same adapter: differences between them are paired.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hf_fcmoe.config import load_yaml_dataclass
+
+FEDAVG_GRID_PREFIX = "fedavg@"
+
+DEFAULT_METHODS: dict[str, dict[str, Any]] = {
+    "fcmoe": {"aggregation_method": "fcmoe"},
+    "fcmoe-importance-only": {
+        "aggregation_method": "fcmoe",
+        "aggregation_options": {"projection": False, "retention": False},
+    },
+    "fcmoe-no-retention": {"aggregation_method": "fcmoe", "aggregation_options": {"retention": False}},
+    "fedprox": {"aggregation_method": "fedprox", "proximal_mu": 0.01},
+    "ties": {"aggregation_method": "ties"},
+    "fedgh": {"aggregation_method": "fedgh"},
+    "fedmoe": {"aggregation_method": "fedmoe"},
+    "local": {"aggregation_method": "local"},
+}
+
+
+@dataclass
+class BenchConfig:
+    """A benchmark grid: methods x dirichlet alphas x seeds, with a tuned-FedAvg reference."""
+
+    output_dir: str = field(metadata={"help": "Folder of the benchmark: runs/<alpha>/<seed>/<method>, report.md."})
+    run: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "FederatedMoEConfig fields shared by every run of the grid."}
+    )
+    methods: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {name: dict(overrides) for name, overrides in DEFAULT_METHODS.items()},
+        metadata={"help": "Method name -> FederatedMoEConfig overrides (aggregation_method, options, ...)."},
+    )
+    fedavg_server_lrs: list[float] = field(
+        default_factory=lambda: [1.0, 1.5, 2.0],
+        metadata={
+            "help": "Server steps eta of the FedAvg grid (runs 'fedavg@<eta>'); the best per alpha, by mean final "
+            "global metric over seeds, is the reference every method is compared with."
+        },
+    )
+    alphas: list[float] = field(default_factory=lambda: [0.1, 1.0], metadata={"help": "Dirichlet alphas."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds (paired across methods)."})
+    target: float | None = field(
+        default=None,
+        metadata={
+            "help": "Rounds-to-target threshold of the global metric; default: the tuned FedAvg's mean final value "
+            "at that alpha (how many rounds a method needs to reach what FedAvg reaches in the whole run)."
+        },
+    )
+    workers: int = field(
+        default=1,
+        metadata={
+            "help": "Runs executed at once in separate processes, sharing the CPU threads (tiny models use cores "
+            "better this way than with more threads per run); 1 = one run at a time in this process."
+        },
+    )
+    pretrain: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "PretrainConfig fields of a tiny base trained first (and reused); None: run.model_name."},
+    )
+
+    def method_overrides(self) -> dict[str, dict[str, Any]]:
+        """Every method of the grid, the FedAvg server-step grid included, with its run overrides."""
+        grid = {
+            f"{FEDAVG_GRID_PREFIX}{eta:g}": {"aggregation_method": "fedavg", "server_lr": float(eta)}
+            for eta in self.fedavg_server_lrs
+        }
+        return {**grid, **self.methods}
+
+    def __post_init__(self):
+        if not self.fedavg_server_lrs:
+            raise ValueError("fedavg_server_lrs must name at least one server step: FedAvg is the reference")
+        if any(alpha <= 0 for alpha in self.alphas):
+            raise ValueError(f"every dirichlet alpha must be > 0, got {self.alphas}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if not self.alphas or not self.seeds:
+            raise ValueError("alphas and seeds must each list at least one value")
+        clash = sorted(name for name in self.methods if name.startswith(FEDAVG_GRID_PREFIX))
+        if clash:
+            raise ValueError(f"method names starting with {FEDAVG_GRID_PREFIX!r} are the FedAvg grid's: {clash}")
+
+
+def _apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A top-level key replaces the recipe's value; a dotted key (``run.num_rounds``) sets one nested field."""
+    values = dict(values)
+    for key, value in overrides.items():
+        head, dot, rest = key.partition(".")
+        if dot:
+            values[head] = {**(values.get(head) or {}), rest: value}
+        else:
+            values[key] = value
+    return values
+
+
+def load_bench_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> BenchConfig:
+    """Read a bench YAML; ``overrides`` may use dotted keys (``run.num_rounds``, ``pretrain.max_steps``)."""
+    import yaml
+
+    values = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    return load_yaml_dataclass(BenchConfig, None, _apply_overrides(values, overrides or {}))

@@ -1,0 +1,203 @@
+"""The benchmark's report.md and plots, from the runs' metrics rows (no model, no training here)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from hf_fcmoe.bench.analysis import (  # noqa: E402
+    Metric,
+    RunSummary,
+    best_method,
+    mean_std,
+    metric_for_task,
+    paired_difference,
+    summarize_run,
+)
+from hf_fcmoe.bench.config import FEDAVG_GRID_PREFIX, BenchConfig  # noqa: E402
+from hf_fcmoe.config import FederatedMoEConfig  # noqa: E402
+
+Results = dict[tuple[str, float, int], list[dict]]
+
+
+def _f(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _pm(values: list[float], digits: int = 4) -> str:
+    mean, std = mean_std(values)
+    return f"{_f(mean, digits)} ± {_f(std, digits)}"
+
+
+def _rounds_cell(values: list[int | None]) -> str:
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return f"not reached (0/{len(values)})"
+    return f"{statistics.median(reached):g} ({len(reached)}/{len(values)} seeds)"
+
+
+class AlphaSection:
+    """Summaries of every method at one alpha, with the tuned FedAvg chosen and the target set."""
+
+    def __init__(self, bench: BenchConfig, results: Results, alpha: float, metric: Metric):
+        self.alpha, self.metric = alpha, metric
+        methods = list(bench.method_overrides())
+        raw = {m: {s: results[(m, alpha, s)] for s in bench.seeds if (m, alpha, s) in results} for m in methods}
+        finals = {m: [summarize_run(rows, metric).final_global for rows in raw[m].values()] for m in methods}
+        grid = {m: v for m, v in finals.items() if m.startswith(FEDAVG_GRID_PREFIX) and v}
+        self.reference = best_method(grid, metric)
+        self.target = bench.target if bench.target is not None else statistics.fmean(grid[self.reference])
+        self.summaries: dict[str, dict[int, RunSummary]] = {
+            m: {s: summarize_run(rows, metric, self.target) for s, rows in raw[m].items()} for m in methods if raw[m]
+        }
+        self.rows = raw
+
+    def values(self, method: str, attribute: str) -> dict[int, float]:
+        return {seed: getattr(summary, attribute) for seed, summary in self.summaries[method].items()}
+
+    def table(self) -> str:
+        header = (
+            "| method | global final (mean ± sd over seeds) | paired gain vs tuned FedAvg: global (wins) | "
+            "personalized final (mean ± sd) | paired gain: personalized (wins) | client sd | rounds to target | "
+            "AUC | MB sent | conflict rate |"
+        )
+        lines = [header, "|---" * 10 + "|"]
+        for method, per_seed in self.summaries.items():
+            ref = method == self.reference
+            name = f"**{method}** (tuned FedAvg)" if ref else method
+            cells = [name, _pm(list(self.values(method, "final_global").values()))]
+            for attribute in ("final_global", "final_local"):
+                if attribute == "final_local":
+                    cells.append(_pm(list(self.values(method, attribute).values())))
+                if ref:
+                    cells.append("reference")
+                    continue
+                diff = paired_difference(
+                    self.values(method, attribute), self.values(self.reference, attribute), self.metric
+                )
+                cells.append(f"{diff.mean:+.4f} ± {diff.std:.4f} ({diff.wins}/{diff.seeds})")
+            conflicts = [s.conflict_rate for s in per_seed.values() if s.conflict_rate is not None]
+            cells += [
+                _f(statistics.fmean(s.local_client_std for s in per_seed.values())),
+                _rounds_cell([s.rounds_to_target for s in per_seed.values()]),
+                _pm(list(self.values(method, "auc").values())),
+                _f(statistics.fmean(s.megabytes for s in per_seed.values()), 1),
+                _f(statistics.fmean(conflicts), 3) if conflicts else "-",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def plot_curves(self, path: Path) -> None:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for method, per_seed in self.summaries.items():
+            for ax, attribute in zip(axes, ("global_curve", "local_curve")):
+                curves = [getattr(s, attribute) for s in per_seed.values()]
+                length = min(len(c) for c in curves)
+                mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
+                style = "-" if method.startswith("fcmoe") or method == self.reference else ":"
+                ax.plot(range(length), mean, style, marker=".", label=method)
+        for ax, title in zip(axes, ("global (union eval)", "personalized (mean over clients)")):
+            ax.set_title(f"alpha={self.alpha:g}: {title}")
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(self.metric.global_key.replace("global_", ""))
+        axes[1].legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _routing_table(routing: dict) -> str:
+    lines = [
+        "| where | mean normalised entropy (1 = uniform) | JS divergence between domains, mean (bits) | max pair |",
+        "|---|---|---|---|",
+    ]
+    for name, summary in routing.items():
+        lines.append(
+            f"| {name} | {_f(summary['mean_entropy'], 3)} | {_f(summary['js_mean'], 3)} | {_f(summary['js_max'], 3)} |"
+        )
+    return "\n".join(lines)
+
+
+def write_bench_report(
+    bench: BenchConfig,
+    config: FederatedMoEConfig,
+    results: Results,
+    routing: dict[str, dict],
+    partitions: dict[float, dict[str, dict[str, int]]],
+    seconds: float,
+    command: str | None = None,
+) -> Path:
+    """Write ``report.md`` (+ plots/) in the benchmark folder; returns its path."""
+    from hf_fcmoe.data.partition_report import mean_max_label_share, plot_partition
+    from hf_fcmoe.reporting.conflicts import plot_conflict_heatmap
+
+    root = Path(bench.output_dir)
+    metric = metric_for_task(config.task)
+    direction = "higher" if metric.higher_is_better else "lower"
+    steps = (
+        f"{config.max_steps} steps"
+        if config.max_steps and config.max_steps > 0
+        else f"{config.num_train_epochs} epoch(s)"
+    )
+    sections = [
+        "# Benchmark report",
+        f"Command: `{command or 'hf-fcmoe bench --config <recipe>'}` ({seconds / 60:.1f} min on this machine, "
+        "finished runs reused).",
+        f"Base `{config.model_name_or_path}`; data `{config.dataset_name}`"
+        + (f" ({config.dataset_config})" if config.dataset_config else "")
+        + f", {config.num_clients} clients ({config.sampled_per_round} per round), Dirichlet label skew; "
+        f"{config.num_rounds} rounds x {steps} of batch {config.per_device_train_batch_size}, "
+        f"lr {config.learning_rate}; LoRA r={config.lora_r} on {', '.join(config.lora_targets)}. "
+        f"Seeds {bench.seeds}: a seed fixes the partition, the adapter initialisation and client sampling, "
+        "identical for every method.",
+        f"Metric: `{metric.global_key}` ({direction} is better) of the global adapter on the union of "
+        "client eval splits, "
+        f"and `{metric.local_key}` of each client's personalized adapter on its own split (mean over clients; "
+        "methods without personalization use the global adapter). Paired gain = per-seed difference to the tuned "
+        "FedAvg, positive when the method is better, mean ± sd over seeds and on how many seeds it won. Rounds to "
+        "target: first round whose global metric reaches the tuned FedAvg's mean final value (median over seeds). "
+        "AUC: mean global metric over rounds 1..R. MB sent: adapter bytes up + down over the run.",
+        "## Routing specialisation of the base",
+        "Per-domain expert usage (top-k routed tokens per layer), normalised entropy and Jensen-Shannon divergence "
+        "between domains, averaged over layers.",
+        _routing_table(routing),
+    ]
+    plots = root / "plots"
+    for alpha in bench.alphas:
+        section = AlphaSection(bench, results, alpha, metric)
+        tag = f"alpha_{alpha:g}"
+        section.plot_curves(plots / f"curves_{tag}.png")
+        grid = ", ".join(
+            f"{m[len(FEDAVG_GRID_PREFIX) :]}: {_pm(list(section.values(m, 'final_global').values()))}"
+            for m in section.summaries
+            if m.startswith(FEDAVG_GRID_PREFIX)
+        )
+        sections += [
+            f"## Dirichlet alpha = {alpha:g}",
+            f"Tuned FedAvg: `{section.reference}` (server step grid, final global metric: {grid}). "
+            f"Target: {_f(section.target)}.",
+            section.table(),
+            f"![curves](plots/curves_{tag}.png)",
+        ]
+        if alpha in partitions:
+            plot_partition(
+                partitions[alpha], plots / f"partition_{tag}.png", title=f"alpha={alpha:g}, seed {bench.seeds[0]}"
+            )
+            share = mean_max_label_share(partitions[alpha])
+            sections.append(f"Partition (seed {bench.seeds[0]}): mean share of a client's top label {share:.2f}.")
+            sections.append(f"![partition](plots/partition_{tag}.png)")
+        conflict_rows = [row for row in section.rows.get("fcmoe", {}).get(bench.seeds[0], []) if "conflicts" in row]
+        if conflict_rows:
+            plot_conflict_heatmap(conflict_rows, plots / f"conflicts_{tag}.png")
+            sections.append(f"![conflicts](plots/conflicts_{tag}.png)")
+    path = root / "report.md"
+    path.write_text("\n\n".join(sections) + "\n")
+    return path
