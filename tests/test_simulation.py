@@ -174,3 +174,23 @@ def test_fcmoe_personalized_is_global_plus_lambda_residual(tiny_run_config):
     last = result.metrics[-1]
     assert len(last["conflict_rate_per_layer"]) == 2 and 0.0 <= last["conflict_rate"] <= 1.0
     assert (root / "plots" / "conflicts.png").exists()
+
+
+def test_local_clients_keep_training_their_own_adapter(tiny_run_config):
+    """`local`: the global never moves; each client's personalized adapter is its own latest trained state,
+    and its next round starts from it (so its own-split loss keeps improving over rounds)."""
+    config = tiny_run_config("local", aggregation_method="local", num_rounds=3)
+    result = run_simulation(config)
+    root = result.output_dir
+    initial = load_adapter_weights(root / "rounds" / "0" / "global")
+    final_global = load_adapter_weights(result.global_dir)
+    for key, tensor in initial.items():
+        torch.testing.assert_close(final_global[key], tensor, rtol=0, atol=0)
+    for cid, path in result.personalized_dirs.items():
+        trained = RunDirectory.load_tensors(root / "rounds" / "3" / "clients" / cid / "adapter_model.safetensors")
+        personalized = load_adapter_weights(path)
+        for key, tensor in trained.items():
+            torch.testing.assert_close(personalized[key], tensor, rtol=0, atol=1e-6)
+    local = [row["local_eval_loss"] for row in result.metrics]
+    assert local[3] < local[1] < local[0]  # continued training, not a restart from the initial adapter each round
+    assert result.metrics[3]["global_eval_loss"] == pytest.approx(result.metrics[0]["global_eval_loss"])

@@ -139,7 +139,25 @@ class FederatedSimulation:
 
     # --- state helpers
     def personalized_state(self, global_state: State, client_id: str) -> State:
-        return _add_scaled(global_state, self.residuals.get(client_id), self.hub_retention)
+        """The client's own adapter: global + scale * residual (FC-MoE retention; `local`: its own trained state)."""
+        return _add_scaled(global_state, self.residuals.get(client_id), self.personal_scale)
+
+    @property
+    def keeps_own_state(self) -> bool:
+        """`local`: each client keeps training its own adapter; it is stored as the residual own - global."""
+        return self.config.aggregation_method == "local"
+
+    @property
+    def personal_scale(self) -> float:
+        return 1.0 if self.keeps_own_state else self.hub_retention
+
+    def _new_residuals(self, result: AggregationResult) -> dict[str, State]:
+        if not self.keeps_own_state:
+            return result.residuals
+        return {
+            cid: {key: state[key].float() - result.global_state[key].float() for key in state}
+            for cid, state in result.personalized.items()
+        }
 
     def retained_part(self, client_id: str) -> State | None:
         """lambda * residual of a client (what its start state adds to the global), or None."""
@@ -223,7 +241,7 @@ class FederatedSimulation:
                 )
             result = self.hub.aggregate(global_state, updates, round=round_index)
             global_state = result.global_state
-            self.residuals.update(result.residuals)
+            self.residuals.update(self._new_residuals(result))
             row = self._evaluate(round_index, global_state, result, updates, time.perf_counter() - started)
             self._checkpoint(round_index, global_state, updates, row)
             rounds.set_postfix(
