@@ -170,6 +170,11 @@ def main() -> None:
     )
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="markdown file to write the report to (default: benchmarks/results/aggregation.md for the full run)",
+    )
     parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     layout = build_layout(args.small, args.rank)
@@ -203,20 +208,17 @@ def main() -> None:
     if "dense" in rows:
         rows["dense"]["time_s"] *= layout.num_layers / args.dense_layers
     ref = rows.get("fedavg")
-    print(
+    lines = [
         f"Adapter: {layout.num_layers} layers x {layout.num_experts} experts, r={args.rank}, {args.clients} clients, "
-        f"{size_mb:.0f} MB fp32 per client; threads: {torch.get_num_threads()}"
-    )
-    print(
+        f"{size_mb:.0f} MB fp32 per client; threads: {args.threads or torch.get_num_threads()}",
         f"Machine: plain matmul {gflops:.0f} GFLOP/s (fp32 {1024 if args.small else 4096}^2), "
-        f"thin Gram {thin_gflops:.0f} GFLOP/s"
-    )
-    print(
+        f"thin Gram {thin_gflops:.0f} GFLOP/s",
         f"Exact mode flops: {done / 1e9:.1f} GFLOP done (K=(N+1)r Grams + apply), floor {floor / 1e9:.1f} GFLOP "
-        f"-> floor time {floor / gflops / 1e9:.2f} s at plain-matmul speed\n"
-    )
-    print("| mode | time (s) | x fedavg time | peak RSS (MB) | x fedavg peak | working MB (peak - inputs) | notes |")
-    print("|---|---|---|---|---|---|---|")
+        f"-> floor time {floor / gflops / 1e9:.2f} s at plain-matmul speed",
+        "",
+        "| mode | time (s) | x fedavg time | peak RSS (MB) | x fedavg peak | working MB (peak - inputs) | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for mode, row in rows.items():
         notes = []
         if row.get("conflict_rate") is not None and mode != "fedavg":
@@ -236,7 +238,16 @@ def main() -> None:
         peak_ratio = f"{row['peak_mb'] / ref['peak_mb']:.2f}" if ref else "-"
         working = row["peak_mb"] - row["baseline_mb"]
         cells = [mode, f"{row['time_s']:.2f}", time_ratio, f"{row['peak_mb']:.0f}", peak_ratio, f"{working:.0f}"]
-        print("| " + " | ".join(cells + ["; ".join(notes)]) + " |")
+        lines.append("| " + " | ".join(cells + ["; ".join(notes)]) + " |")
+    report = "\n".join(lines) + "\n"
+    print(report, end="")
+    default_output = os.path.join(os.path.dirname(__file__), "results", "aggregation.md")
+    output = args.output or (None if args.small else default_output)
+    if output:
+        command = " ".join(["python", "benchmarks/aggregation.py"] + sys.argv[1:])
+        with open(output, "w") as handle:
+            handle.write(f"```\n{command}\n```\n\n{report}")
+        print(f"wrote {output}", file=sys.stderr)
 
 
 if __name__ == "__main__":

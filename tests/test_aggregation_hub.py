@@ -244,6 +244,17 @@ def test_conflicts_are_projected_and_retained(layout, lowrank):
     assert any(result.residuals["client3"][k].any() for k in expert_keys)
 
 
+def test_importance_only_ablation_measures_conflicts_without_acting_on_them(layout):
+    glob = make_state(layout, 0)
+    updates = conflicting_updates(layout, glob)
+    ablation = AggregationHub(layout, "fcmoe", projection=False, retention=False).aggregate(glob, updates)
+    full = AggregationHub(layout, "fcmoe").aggregate(glob, updates)
+    assert ablation.diagnostics["conflicts"] == full.diagnostics["conflicts"]  # the same conflicts are seen
+    assert not ablation.residuals or not any(t.any() for r in ablation.residuals.values() for t in r.values())
+    expert_b = layout.by_kind("expert")[0].b_key
+    assert not torch.allclose(ablation.global_state[expert_b], full.global_state[expert_b])  # but not projected
+
+
 def test_factor_mode_global_is_weighted_sum_of_projected_updates(layout):
     glob = make_state(layout, 0)
     updates = conflicting_updates(layout, glob)

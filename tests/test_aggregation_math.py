@@ -6,11 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.utils import merge_utils
 
+from hf_fcmoe.adapters import build_lora_config
 from hf_fcmoe.aggregation import lowrank
 from hf_fcmoe.aggregation.projection import consensus_projection, pcgrad_coefficients
 from hf_fcmoe.aggregation.server_opt import ServerOptimizer
 from hf_fcmoe.aggregation.ties import dare_ties_merge, ties_merge
 from hf_fcmoe.aggregation.weighting import importance_weights, masked_median
+from hf_fcmoe.layout import ExpertLayout
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -181,3 +183,37 @@ def test_server_optimizer_step_and_resume(kind):
     clone = ServerOptimizer(kind, lr=0.01)
     clone.load_state_dict(opt.state_dict())
     torch.testing.assert_close(clone.step("w", first, delta), opt.step("w", first, delta))
+
+
+def test_factorize_dense_stays_balanced_when_the_reference_misses_the_row_space():
+    """A reference A nearly orthogonal to the target's row space must not yield a huge B and a tiny A
+    (TIES re-factorised that way every round blew ||B|| up 100x per round)."""
+    gen = torch.Generator().manual_seed(3)
+    rank, out_f, in_f = 3, 10, 12
+    basis = torch.linalg.qr(torch.randn(in_f, in_f, generator=gen, dtype=torch.float64))[0]
+    ref_a = basis[:rank].T.T.contiguous()[None] * 2.0  # rows span the first 3 directions
+    rows = basis[rank : 2 * rank] + 1e-4 * basis[:rank]  # target rows: almost orthogonal to the reference
+    target = (torch.randn(1, out_f, rank, generator=gen, dtype=torch.float64) @ rows[None]).float()
+    new_b, new_a, err = lowrank.factorize_dense(target, rank, ref_a.float())
+    torch.testing.assert_close(new_b.float() @ new_a.float(), target, rtol=1e-4, atol=1e-4)
+    assert new_a.double().norm() == pytest.approx(ref_a.norm().item(), rel=1e-6)  # A keeps the reference's norm
+    assert new_b.double().norm() * new_a.double().norm() <= 10 * target.double().norm() * rank
+    assert err.item() < 1e-6
+
+
+def test_ties_rounds_do_not_blow_up_the_factors():
+    """Ten TIES rounds (trim to 20%, re-factorise to rank r): the factors stay finite and of moderate norm."""
+    from hf_fcmoe.aggregation import AggregationHub
+    from hf_fcmoe.moe import build_tiny_moe, get_family
+    from tests.test_aggregation_hub import make_state, make_updates
+
+    model, _ = build_tiny_moe("mixtral")
+    layout = ExpertLayout.from_configs(model.config, build_lora_config(get_family(model.config), r=4))
+    hub = AggregationHub(layout, "ties", density=0.2)
+    state = make_state(layout, seed=0, scale=0.3)
+    for round_index in range(10):
+        updates = make_updates(layout, state, num=3, seed=round_index + 1, scale=0.05)
+        state = hub.aggregate(state, updates, round=round_index).global_state
+    norms = {key: tensor.norm().item() for key, tensor in state.items()}
+    assert all(torch.isfinite(t).all() for t in state.values())
+    assert max(norms.values()) < 50, norms
