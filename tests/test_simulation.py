@@ -194,3 +194,4 @@ def test_local_clients_keep_training_their_own_adapter(tiny_run_config):
     local = [row["local_eval_loss"] for row in result.metrics]
     assert local[3] < local[1] < local[0]  # continued training, not a restart from the initial adapter each round
     assert result.metrics[3]["global_eval_loss"] == pytest.approx(result.metrics[0]["global_eval_loss"])
+    assert all(row["bytes_up"] == row["bytes_down"] == 0 for row in result.metrics)  # nothing is exchanged

@@ -149,8 +149,8 @@ def write_bench_report(
     )
     sections = [
         "# Benchmark report",
-        f"Command: `{command or 'hf-fcmoe bench --config <recipe>'}` ({seconds / 60:.1f} min on this machine, "
-        "finished runs reused).",
+        f"Command: `{command or 'hf-fcmoe bench --config <recipe>'}` (this invocation: {seconds / 60:.1f} min; runs "
+        "already finished under the same config are read back, not retrained).",
         f"Base `{config.model_name_or_path}`; data `{config.dataset_name}`"
         + (f" ({config.dataset_config})" if config.dataset_config else "")
         + f", {config.num_clients} clients ({config.sampled_per_round} per round), Dirichlet label skew; "

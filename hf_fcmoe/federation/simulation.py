@@ -267,8 +267,9 @@ class FederatedSimulation:
             method=self.config.aggregation_method,
             clients=[u.client_id for u in updates],
             train_loss=float(np.mean([u.train_loss for u in updates])) if updates else None,
-            bytes_up=sum(state_nbytes(u.state) for u in updates),
-            bytes_down=state_nbytes(global_state) * len(updates),
+            # `local` never exchanges adapters: its clients train alone
+            bytes_up=0 if self.keeps_own_state else sum(state_nbytes(u.state) for u in updates),
+            bytes_down=0 if self.keeps_own_state else state_nbytes(global_state) * len(updates),
             seconds=round(seconds, 3),
             failed=result.failed,
         )
