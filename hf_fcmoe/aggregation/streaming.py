@@ -113,6 +113,30 @@ def combine(sources: list[torch.Tensor], coef: torch.Tensor, num_experts: int, k
     return outputs
 
 
+def _stacked_b_chunks(b_sources: list[torch.Tensor], experts: int, rows: int, scratch: torch.Tensor):
+    """Yield ``(start, span, X_B rows)``: (E, span, M*r) source-major stacked B rows, chunk by chunk in `scratch`."""
+    out_features, width = b_sources[0].shape
+    num, rank = len(b_sources), width // experts
+    for start in range(0, out_features, rows):
+        span = min(out_features, start + rows) - start
+        buf = scratch[: experts * span * num * rank].view(experts, span, num, rank)
+        for m, tensor in enumerate(b_sources):
+            buf[:, :, m].copy_(_b_view(tensor[start : start + span], experts))
+        yield start, span, buf.view(experts, span, num * rank)
+
+
+def _stacked_a_chunks(a_sources: list[torch.Tensor], experts: int, cols: int, scratch: torch.Tensor):
+    """Yield ``(start, span, X_A columns)``: (E, M*r, span) source-major stacked A columns, chunk by chunk."""
+    in_features = a_sources[0].shape[1]
+    num, rank = len(a_sources), a_sources[0].shape[0] // experts
+    for start in range(0, in_features, cols):
+        span = min(in_features, start + cols) - start
+        buf = scratch[: experts * num * rank * span].view(experts, num, rank, span)
+        for m, tensor in enumerate(a_sources):
+            buf[:, m].copy_(_a_view(tensor[:, start : start + span], experts))
+        yield start, span, buf.view(experts, num * rank, span)
+
+
 @single_threaded()
 def stacked_grams(
     b_sources: list[torch.Tensor], a_sources: list[torch.Tensor], num_experts: int
@@ -131,19 +155,9 @@ def stacked_grams(
     rows = min(out_features, _step(4 * experts * size))
     cols = min(in_features, _step(4 * experts * size))
     scratch = torch.empty(experts * size * max(rows, cols))
-    for start in range(0, out_features, rows):
-        span = min(out_features, start + rows) - start
-        buf = scratch[: experts * span * size].view(experts, span, num, rank)
-        for m, tensor in enumerate(b_sources):
-            buf[:, :, m].copy_(_b_view(tensor[start : start + span], experts))
-        flat = buf.view(experts, span, size)
+    for _, _, flat in _stacked_b_chunks(b_sources, experts, rows, scratch):
         gram_b += torch.bmm(flat.transpose(1, 2), flat)
-    for start in range(0, in_features, cols):
-        span = min(in_features, start + cols) - start
-        buf = scratch[: experts * size * span].view(experts, num, rank, span)
-        for m, tensor in enumerate(a_sources):
-            buf[:, m].copy_(_a_view(tensor[:, start : start + span], experts))
-        flat = buf.view(experts, size, span)
+    for _, _, flat in _stacked_a_chunks(a_sources, experts, cols, scratch):
         gram_a += torch.bmm(flat, flat.transpose(1, 2))
     return gram_b, gram_a
 
@@ -174,20 +188,12 @@ def stacked_apply(
     rows = min(out_features, _step(4 * experts * size))
     cols = min(in_features, _step(4 * experts * size))
     scratch = torch.empty(experts * size * max(rows, cols))
-    for start in range(0, out_features, rows):
-        span = min(out_features, start + rows) - start
-        buf = scratch[: experts * span * size].view(experts, span, num, rank)
-        for m, tensor in enumerate(b_sources):
-            buf[:, :, m].copy_(_b_view(tensor[start : start + span], experts))
-        result = torch.bmm(buf.view(experts, span, size), t_b)  # (E, span, O*r)
+    for start, span, flat in _stacked_b_chunks(b_sources, experts, rows, scratch):
+        result = torch.bmm(flat, t_b)  # (E, span, O*r)
         for o, tensor in enumerate(new_b):
             _b_view(tensor[start : start + span], experts).copy_(result[:, :, o * rank : (o + 1) * rank])
-    for start in range(0, in_features, cols):
-        span = min(in_features, start + cols) - start
-        buf = scratch[: experts * size * span].view(experts, num, rank, span)
-        for m, tensor in enumerate(a_sources):
-            buf[:, m].copy_(_a_view(tensor[:, start : start + span], experts))
-        result = torch.bmm(t_a, buf.view(experts, size, span))  # (E, O*r, span)
+    for start, span, flat in _stacked_a_chunks(a_sources, experts, cols, scratch):
+        result = torch.bmm(t_a, flat)  # (E, O*r, span)
         for o, tensor in enumerate(new_a):
             _a_view(tensor, experts)[:, :, start : start + span].copy_(result[:, o * rank : (o + 1) * rank])
     return new_b, new_a
