@@ -80,6 +80,21 @@ def _pretrain(args: argparse.Namespace, overrides: dict) -> int:
     return 0
 
 
+def _upcycle(args: argparse.Namespace, overrides: dict) -> int:
+    import json
+
+    from hf_fcmoe.config import load_yaml_dataclass
+    from hf_fcmoe.upcycle import UpcycleConfig, upcycle
+
+    report = upcycle(load_yaml_dataclass(UpcycleConfig, args.config, overrides))
+    summary = {
+        key: report[key] for key in ("max_abs_logit_diff", "perplexity", "seconds", "peak_rss_gb") if key in report
+    }
+    print(json.dumps(summary, indent=2))
+    print(f"upcycled model: {report['options']['output_dir']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-fcmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = sub.add_parser("pretrain", help="pretrain (or reuse) the tiny MoE base of a bench YAML")
     pretrain.add_argument("--config", required=True, help="bench YAML with a 'pretrain' section")
     pretrain.set_defaults(handler=_pretrain)
+    upcycle = sub.add_parser(
+        "upcycle", help="turn a dense Llama (default: SmolLM2 GGUF) into an MoE folder (--key value: UpcycleConfig)"
+    )
+    upcycle.add_argument("--config", default=None, help="optional YAML of UpcycleConfig fields")
+    upcycle.set_defaults(handler=_upcycle)
     return parser
 
 

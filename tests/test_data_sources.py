@@ -125,3 +125,16 @@ def test_bundled_corpus_natural_partition_by_category():
         )
     )
     assert chat.train["client_000"].column_names == ["messages", "label"]
+
+
+def test_docstring_headers_carry_no_memory_addresses():
+    """Defaults like `object()` print with their address; the corpus must be the same text in every process."""
+    from hf_fcmoe.data.corpora import _header
+
+    sentinel = object()
+
+    def f(x, missing=sentinel):
+        return x
+
+    header = _header("mod.f", f)
+    assert header.startswith("mod.f(x, missing=<object object>") and "0x" not in header

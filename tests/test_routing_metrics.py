@@ -30,6 +30,14 @@ def test_summary_separates_specialised_from_shared_routing():
     assert summary["entropy"]["a"] == pytest.approx(0.5)
 
 
+def test_dense_layers_do_not_count_as_routing_layers():
+    """A partly upcycled model has dense layers with no router: their zero rows are left out of the means."""
+    with_dense = {"a": torch.tensor([[0, 0, 0, 0], [4, 4, 0, 0]]), "b": torch.tensor([[0, 0, 0, 0], [0, 0, 8, 8]])}
+    summary = specialisation_summary(with_dense)
+    assert summary["js_mean"] == pytest.approx(1.0) and summary["entropy"]["a"] == pytest.approx(0.5)
+    assert summary["js_per_layer"] == [pytest.approx(1.0)]
+
+
 def test_probe_counts_every_real_token_top_k_times_in_eval_mode():
     from hf_fcmoe.moe import build_tiny_moe
     from hf_fcmoe.routing_probe import expert_usage, routing_specialisation

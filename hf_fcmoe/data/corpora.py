@@ -11,6 +11,7 @@ import gzip
 import importlib
 import inspect
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -97,12 +98,17 @@ def _documented(module_name: str) -> Iterator[tuple[str, object]]:
                     yield f"{module_name}.{name}.{attr}", member
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _header(qualname: str, obj: object) -> str:
     try:
         signature = str(inspect.signature(obj))
     except (TypeError, ValueError):
         signature = "(...)"
-    return f"{qualname}{signature}\n"
+    # default values without a repr of their own print as "<object object at 0x7f...>": drop the address so
+    # the corpus is the same text in every process
+    return f"{qualname}{_ADDRESS.sub('', signature)}\n"
 
 
 def python_docstrings(config: str | None = None, min_chars: int = 40) -> Dataset:

@@ -38,11 +38,15 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def specialisation_summary(counts_by_domain: dict[str, torch.Tensor]) -> dict:
-    """Per-domain normalised entropy and the mean/max pairwise JS divergence between domains (layer means).
+    """Per-domain normalised entropy and the mean/max pairwise JS divergence between domains (means over the
+    layers that route tokens).
 
     Returns ``{"entropy": {domain: float}, "mean_entropy", "js_mean", "js_max", "js_per_layer": [..]}``.
     """
-    dists = {name: usage_distribution(counts) for name, counts in counts_by_domain.items()}
+    # layers no domain routed any token through (dense layers of a partly upcycled model) are not MoE layers:
+    # their all-zero rows would read as entropy 0 and divergence 0
+    routed = torch.stack([counts.sum(-1) for counts in counts_by_domain.values()]).sum(0) > 0
+    dists = {name: usage_distribution(counts[routed]) for name, counts in counts_by_domain.items()}
     entropy = {name: float(normalized_entropy(dist).mean()) for name, dist in dists.items()}
     pairs = [js_divergence(dists[a], dists[b]) for a, b in itertools.combinations(sorted(dists), 2)]
     per_layer = torch.stack(pairs).mean(dim=0) if pairs else torch.zeros(1)
