@@ -10,16 +10,16 @@ PEFT layout (see `hf_fcmoe.layout`): ``A`` is (E*r, in) with expert e in rows ``
 (out, E*r) with rank k of expert e in column ``k*E + e``. Inputs of other float dtypes are converted chunk by
 chunk to float32 before any arithmetic.
 
-All kernels run on one thread: their ops touch ~2 MB each, where OpenMP fork/join buys little on a quiet
-machine and costs ~10 ms per op on a loaded one (measured on 2 shared cores: exact mode 26 s with two threads
-against 0.6 s with one, for the same 4 layers).
+The kernels use torch's thread setting as they find it. Forcing them onto one thread (tried) helped on a
+machine whose cores other processes held, but on a quiet 2-core machine the per-call thread switching made
+fcmoe factor mode 4.6x fedavg instead of 2.9x: a process sharing its cores should lower its thread count
+once (`torch.set_num_threads`), not per kernel. Only the batched small LAPACK solve of exact mode switches
+to one thread (`lowrank.single_threaded`), once per round.
 """
 
 from __future__ import annotations
 
 import torch
-
-from hf_fcmoe.aggregation.lowrank import single_threaded
 
 CHUNK_BYTES = 2 << 20
 
@@ -42,7 +42,6 @@ def _step(bytes_per_unit: int) -> int:
     return max(1, CHUNK_BYTES // max(1, bytes_per_unit))
 
 
-@single_threaded()
 def delta_gram(b_sources: list[torch.Tensor], a_sources: list[torch.Tensor], num_experts: int) -> torch.Tensor:
     """(E, N, N) float64 factor-space inner products of the client deltas ``[B_n - B_g; A_n - A_g]`` per expert.
 
@@ -79,7 +78,6 @@ def delta_gram(b_sources: list[torch.Tensor], a_sources: list[torch.Tensor], num
     return gram
 
 
-@single_threaded()
 def combine(sources: list[torch.Tensor], coef: torch.Tensor, num_experts: int, kind: str, dtype: torch.dtype):
     """Per-expert linear combinations of the sources, one output per row of ``coef``.
 
@@ -137,7 +135,6 @@ def _stacked_a_chunks(a_sources: list[torch.Tensor], experts: int, cols: int, sc
         yield start, span, buf.view(experts, num * rank, span)
 
 
-@single_threaded()
 def stacked_grams(
     b_sources: list[torch.Tensor], a_sources: list[torch.Tensor], num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +159,6 @@ def stacked_grams(
     return gram_b, gram_a
 
 
-@single_threaded()
 def stacked_apply(
     b_sources: list[torch.Tensor],
     a_sources: list[torch.Tensor],
