@@ -93,24 +93,43 @@ class AlphaSection:
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    def _mean_curve(self, method: str, attribute: str) -> list[float]:
+        curves = [getattr(s, attribute) for s in self.summaries[method].values()]
+        length = min(len(c) for c in curves)
+        return [statistics.fmean(c[i] for c in curves) for i in range(length)]
+
     def plot_curves(self, path: Path) -> None:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-        for method, per_seed in self.summaries.items():
-            for ax, attribute in zip(axes, ("global_curve", "local_curve")):
-                curves = [getattr(s, attribute) for s in per_seed.values()]
-                length = min(len(c) for c in curves)
-                mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
-                style = "-" if method.startswith("fcmoe") or method == self.reference else ":"
-                ax.plot(range(length), mean, style, marker=".", label=method)
-        for ax, title in zip(axes, ("global (union eval)", "personalized (mean over clients)")):
-            ax.set_title(f"alpha={self.alpha:g}: {title}")
-            ax.set_xlabel("round")
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel(self.metric.global_key.replace("global_", ""))
-        axes[1].legend(fontsize=7, ncol=2)
+        """Top: every method over all rounds. Bottom: the second half of the run, zoomed onto the methods whose
+        final value is within 10% of the tuned FedAvg's (diverging methods would otherwise flatten the rest)."""
+        fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+        reference = self._mean_curve(self.reference, "global_curve")[-1]
+        finals = {m: self._mean_curve(m, "global_curve")[-1] for m in self.summaries}
+        close = [m for m, final in finals.items() if abs(final - reference) <= 0.1 * abs(reference)]
+        palette = plt.get_cmap("tab20").colors
+        for index, method in enumerate(self.summaries):
+            line = {
+                "linestyle": "-" if method.startswith("fcmoe") or method == self.reference else ":",
+                "color": palette[(2 * index) % 20 + (index // 10) % 2],  # one colour per method in every panel
+                "marker": ".",
+                "label": method,
+            }
+            for column, attribute in enumerate(("global_curve", "local_curve")):
+                mean = self._mean_curve(method, attribute)
+                axes[0, column].plot(range(len(mean)), mean, **line)
+                if method in close:
+                    half = len(mean) // 2
+                    axes[1, column].plot(range(half, len(mean)), mean[half:], **line)
+        for row, zoom in enumerate(("", ", second half, zoomed")):
+            for column, title in enumerate(("global (union eval)", "personalized (mean over clients)")):
+                ax = axes[row, column]
+                ax.set_title(f"alpha={self.alpha:g}: {title}{zoom}", fontsize=10)
+                ax.set_xlabel("round")
+                ax.grid(alpha=0.3)
+            axes[row, 0].set_ylabel(self.metric.global_key.replace("global_", ""))
+        axes[0, 1].legend(fontsize=7, ncol=2)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
 
 
