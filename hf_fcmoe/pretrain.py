@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, 
 from hf_fcmoe.data.sources import load_source
 from hf_fcmoe.evaluation import eval_loss
 from hf_fcmoe.moe import get_family, tiny_moe_config
-from hf_fcmoe.routing_probe import routing_specialisation
+from hf_fcmoe.routing_probe import routing_specialisation, texts_by_domain
 from hf_fcmoe.tokenization import build_byte_tokenizer
 
 
@@ -65,14 +65,6 @@ def _domain_rows(spec: str, limit: int, seed: int) -> Dataset:
     return Dataset.from_dict({"text": data["text"], "domain": labels})
 
 
-def _texts_by_domain(data: Dataset, per_domain: int) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for text, domain in zip(data["text"], data["domain"]):
-        if len(grouped.setdefault(domain, [])) < per_domain:
-            grouped[domain].append(text)
-    return grouped
-
-
 def _is_complete(path: Path, config: PretrainConfig) -> bool:
     recorded = path / "pretrain_config.json"
     if not (recorded.exists() and (path / "routing.json").exists()):
@@ -100,10 +92,9 @@ def pretrain_base(config: PretrainConfig, force: bool = False) -> Path:
     )
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_config(model_config)
-    probe = {"synthetic_domains:" + config.probe_domains} if config.probe_domains else set()
     data = concatenate_datasets([_domain_rows(s, config.examples_per_corpus, config.seed) for s in config.corpora])
     split = data.shuffle(seed=config.seed).train_test_split(test_size=0.05, seed=config.seed)
-    routing_before = _routing_report(model, tokenizer, split["test"], probe, config)
+    routing_before = _routing_report(model, tokenizer, split["test"], config)
     tokenized = split.map(
         lambda rows: tokenizer(rows["text"], truncation=True, max_length=config.max_length),
         batched=True,
@@ -134,17 +125,19 @@ def pretrain_base(config: PretrainConfig, force: bool = False) -> Path:
         "held_out_loss": loss,
         "held_out_perplexity": math.exp(loss),
         "routing_before": routing_before,
-        "routing_after": _routing_report(model, tokenizer, split["test"], probe, config),
+        "routing_after": _routing_report(model, tokenizer, split["test"], config),
     }
     (out / "routing.json").write_text(json.dumps(report, indent=2))
     (out / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2))
     return out
 
 
-def _routing_report(model, tokenizer, held_out: Dataset, probe: set[str], config: PretrainConfig) -> dict:
+def _routing_report(model, tokenizer, held_out: Dataset, config: PretrainConfig) -> dict:
     """Specialisation on the pretraining domains (held-out rows) and on the probe (new) domains."""
-    report = {"pretraining_domains": routing_specialisation(model, tokenizer, _texts_by_domain(held_out, 64))}
-    for spec in probe:
-        rows = _domain_rows(spec, 400, config.seed + 1)
-        report["probe_domains"] = routing_specialisation(model, tokenizer, _texts_by_domain(rows, 100))
+    held_out_texts = texts_by_domain(held_out["text"], held_out["domain"], 64)
+    report = {"pretraining_domains": routing_specialisation(model, tokenizer, held_out_texts)}
+    if config.probe_domains:
+        rows = _domain_rows(f"synthetic_domains:{config.probe_domains}", 400, config.seed + 1)
+        probe_texts = texts_by_domain(rows["text"], rows["domain"], 100)
+        report["probe_domains"] = routing_specialisation(model, tokenizer, probe_texts)
     return report

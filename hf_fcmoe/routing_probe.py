@@ -13,6 +13,15 @@ from hf_fcmoe.callbacks import ExpertTokenCounter
 from hf_fcmoe.metrics.routing import specialisation_summary
 
 
+def texts_by_domain(texts: list, domains: list, per_domain: int) -> dict[str, list[str]]:
+    """The first `per_domain` string texts of each domain (domains as strings), in order of appearance."""
+    grouped: dict[str, list[str]] = {}
+    for text, domain in zip(texts, domains):
+        if isinstance(text, str) and len(grouped.setdefault(str(domain), [])) < per_domain:
+            grouped[str(domain)].append(text)
+    return grouped
+
+
 @torch.no_grad()
 def expert_usage(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int = 128, batch_size: int = 16

@@ -69,19 +69,10 @@ class AlphaSection:
         )
         lines = [header, "|---" * 10 + "|"]
         for method, per_seed in self.summaries.items():
-            ref = method == self.reference
-            name = f"**{method}** (tuned FedAvg)" if ref else method
-            cells = [name, _pm(list(self.values(method, "final_global").values()))]
-            for attribute in ("final_global", "final_local"):
-                if attribute == "final_local":
-                    cells.append(_pm(list(self.values(method, attribute).values())))
-                if ref:
-                    cells.append("reference")
-                    continue
-                diff = paired_difference(
-                    self.values(method, attribute), self.values(self.reference, attribute), self.metric
-                )
-                cells.append(f"{diff.mean:+.4f} ± {diff.std:.4f} ({diff.wins}/{diff.seeds})")
+            name = f"**{method}** (tuned FedAvg)" if method == self.reference else method
+            cells = [name]
+            for attribute in ("final_global", "final_local"):  # value, then its paired gain
+                cells += [_pm(list(self.values(method, attribute).values())), self._gain_cell(method, attribute)]
             conflicts = [s.conflict_rate for s in per_seed.values() if s.conflict_rate is not None]
             cells += [
                 _f(statistics.fmean(s.local_client_std for s in per_seed.values())),
@@ -92,6 +83,12 @@ class AlphaSection:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+    def _gain_cell(self, method: str, attribute: str) -> str:
+        if method == self.reference:
+            return "reference"
+        diff = paired_difference(self.values(method, attribute), self.values(self.reference, attribute), self.metric)
+        return f"{diff.mean:+.4f} ± {diff.std:.4f} ({diff.wins}/{diff.seeds})"
 
     def _mean_curve(self, method: str, attribute: str) -> list[float]:
         curves = [getattr(s, attribute) for s in self.summaries[method].values()]

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from hf_fcmoe.bench.config import BenchConfig
 from hf_fcmoe.config import FederatedMoEConfig, load_config
 from hf_fcmoe.data.federated import load_federated_data
 from hf_fcmoe.federation.run_dir import RunDirectory
-from hf_fcmoe.federation.simulation import RESUME_IGNORED_KEYS, run_simulation
+from hf_fcmoe.federation.simulation import config_changes, run_simulation
 
 
 @dataclass
@@ -70,10 +69,7 @@ def finished_metrics(config: FederatedMoEConfig) -> list[dict] | None:
         return None
     if int(run_dir.read_state().get("last_round", -1)) != config.num_rounds:
         return None
-    saved, current = yaml.safe_load(saved_config.read_text()), config.to_yaml_dict()
-    if any(saved.get(k) != current.get(k) for k in set(saved) | set(current) if k not in RESUME_IGNORED_KEYS):
-        return None
-    return run_dir.read_metrics()
+    return None if config_changes(saved_config, config) else run_dir.read_metrics()
 
 
 def prepare_base(bench: BenchConfig) -> str | None:
@@ -146,14 +142,11 @@ def base_routing(config: FederatedMoEConfig, per_domain: int = 100) -> dict:
     from hf_fcmoe.data.federated import resolve_text_column
     from hf_fcmoe.data.sources import load_source
     from hf_fcmoe.loading import load_base_model
-    from hf_fcmoe.routing_probe import routing_specialisation
+    from hf_fcmoe.routing_probe import routing_specialisation, texts_by_domain
 
     raw = load_source(config.dataset_name, config.dataset_config, config.dataset_split, config.num_examples, 0)
     text_column = resolve_text_column(raw, config.dataset_name, config.text_column)
-    texts: dict[str, list[str]] = {}
-    for text, label in zip(raw[text_column], raw[config.label_column]):
-        if isinstance(text, str) and len(texts.setdefault(str(label), [])) < per_domain:
-            texts[str(label)].append(text)
+    texts = texts_by_domain(raw[text_column], raw[config.label_column], per_domain)
     model, tokenizer = load_base_model(
         config.model_name_or_path, seed=config.seed, num_experts=config.tiny_num_experts
     )

@@ -49,6 +49,13 @@ class SimulationResult:
     metrics: list[dict]
 
 
+def config_changes(saved_path: Path, config: FederatedMoEConfig) -> list[str]:
+    """Fields in which `config` differs from the run config saved at `saved_path` (what resuming must not change)."""
+    saved, current = yaml.safe_load(saved_path.read_text()), config.to_yaml_dict()
+    keys = (set(saved) | set(current)) - RESUME_IGNORED_KEYS
+    return sorted(key for key in keys if saved.get(key) != current.get(key))
+
+
 def sample_clients(client_ids: list[str], per_round: int, seed: int, round_index: int) -> list[str]:
     """The clients of one round: a seeded draw that depends only on (seed, round)."""
     rng = np.random.default_rng([seed, round_index])
@@ -117,13 +124,7 @@ class FederatedSimulation:
         if self.resume:
             if not self.run_dir.has_completed_rounds():
                 raise FileNotFoundError(f"--resume: no completed round to resume from in {root}")
-            saved = yaml.safe_load((root / "config.yaml").read_text())
-            current = self.config.to_yaml_dict()
-            changed = sorted(
-                key
-                for key in set(saved) | set(current)
-                if key not in RESUME_IGNORED_KEYS and saved.get(key) != current.get(key)
-            )
+            changed = config_changes(root / "config.yaml", self.config)
             if changed:
                 raise ValueError(f"--resume: config differs from the run being resumed in {changed}")
         elif self.run_dir.has_completed_rounds() and not self.config.overwrite_output_dir:
