@@ -476,3 +476,19 @@ def test_all_rejected_returns_global_and_fails(layout):
     assert result.failed and result.diagnostics["rejected"]
     assert_states_close(result.global_state, glob, rtol=0, atol=0)
     json.dumps(result.diagnostics)
+
+
+def test_personalized_states_are_lazy_read_only_mappings(layout):
+    """personalized[c] computes global + lambda * residual on access; dict() materialises it."""
+    from collections.abc import Mapping
+
+    glob = make_state(layout, 0)
+    result = AggregationHub(layout, "fcmoe").aggregate(glob, conflicting_updates(layout, glob))
+    personal = result.personalized["client3"]
+    assert isinstance(personal, Mapping) and not isinstance(personal, dict)
+    assert list(personal) == list(result.global_state) and len(personal) == len(result.global_state)
+    materialised = dict(personal)
+    for key, tensor in result.global_state.items():
+        assert torch.equal(materialised[key], tensor + 0.5 * result.residuals["client3"][key])
+    with pytest.raises(TypeError):
+        personal["x"] = torch.zeros(1)  # read-only

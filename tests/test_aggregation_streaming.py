@@ -49,6 +49,60 @@ def test_combine_equals_per_expert_weighted_sum(chunk, dtype):
         torch.testing.assert_close(split_expert_a(out_a[o], E).float(), want_a, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_derives_multiples_of_the_first_outputs_move(chunk, dtype):
+    b, a = sources(dtype)
+    coef = torch.randn(1, M, E, dtype=torch.float64)
+    derived = torch.randn(2, E, dtype=torch.float64)
+    for srcs, kind, split in ((b, "b", split_expert_b), (a, "a", split_expert_a)):
+        plain = streaming.combine(srcs, coef, E, kind, torch.float32)[0]
+        first, *extra = streaming.combine(srcs, coef, E, kind, dtype, derived=derived)
+        assert len(extra) == 2 and all(t.dtype == dtype and t.shape == srcs[0].shape for t in extra)
+        move = split(plain - srcs[0].float(), E)
+        for d in range(2):
+            want = derived[d].float()[:, None, None] * move
+            tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+            torch.testing.assert_close(split(extra[d], E).float(), want, **tol)
+
+
+@pytest.mark.parametrize("server_lr", [1.0, 0.7])
+def test_derived_residuals_equal_recombined_ones(layout, server_lr, monkeypatch):  # noqa: F811
+    """FC-MoE's residuals taken from the merged update's chunk equal the ones recombined from every source."""
+    from hf_fcmoe.aggregation import blocks
+
+    glob = make_state(layout, 0)
+    updates = conflicting_updates(layout, glob)
+    fast = AggregationHub(layout, "fcmoe", server_lr=server_lr).aggregate(glob, updates)
+    calls = []
+    original = blocks.BlockRound._residual_scales
+
+    def spy(self, *args):
+        calls.append(original(self, *args))
+        return None  # force the general path
+
+    monkeypatch.setattr(blocks.BlockRound, "_residual_scales", spy)
+    slow = AggregationHub(layout, "fcmoe", server_lr=server_lr).aggregate(glob, updates)
+    assert calls and all(c is not None for c in calls)  # the derived path was taken in the fast run
+    for key, tensor in slow.global_state.items():
+        assert torch.equal(fast.global_state[key], tensor)
+    for cid, residual in slow.residuals.items():
+        for key, tensor in residual.items():
+            torch.testing.assert_close(fast.residuals[cid][key], tensor, rtol=1e-4, atol=1e-7)
+
+
+def test_leave_one_out_residuals_are_recombined(layout, monkeypatch):  # noqa: F811
+    """With a per-client consensus the residuals are not multiples of the merge: the general path runs."""
+    from hf_fcmoe.aggregation import blocks
+
+    calls = []
+    original = blocks.BlockRound._residual_scales
+    monkeypatch.setattr(blocks.BlockRound, "_residual_scales", lambda self, *a: calls.append(original(self, *a)))
+    glob = make_state(layout, 0)
+    result = AggregationHub(layout, "fcmoe", leave_one_out=True).aggregate(glob, conflicting_updates(layout, glob))
+    assert result.diagnostics["conflict_rate"] > 0 and any(r["client3"] for r in [result.residuals])
+    assert calls and all(c is None for c in calls)
+
+
 def test_stacked_grams_and_apply_equal_the_stacked_reference(chunk):
     b, a = sources()
     xb, xa = lowrank.stack_factors(b, a, E)

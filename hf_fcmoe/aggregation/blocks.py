@@ -220,15 +220,40 @@ class BlockRound:
         return [i for i in range(residual.shape[1]) if bool((residual[:, i] != 0).any())]
 
     def _apply_factor(self, pair: LoraPair, merge: torch.Tensor, residual: torch.Tensor | None) -> None:
-        """One streaming pass per factor: the new global and the residuals of conflicting clients."""
+        """One streaming pass per factor: the new global and the residuals of conflicting clients.
+
+        A residual that is a per-expert multiple of the merged update (FC-MoE's paper consensus: every
+        conflicting client loses a multiple of the same consensus, and the merge is another) is derived from
+        the new global's chunk in the same pass instead of being recombined from all sources.
+        """
         rd = self.rd
         g_b, g_a = rd.global_state[pair.b_key], rd.global_state[pair.a_key]
         conflicted = self._conflicted(residual)
-        coef = [self._product_coef(merge)] + [self._residual_sources(residual, i) for i in conflicted]
+        scales = self._residual_scales(merge, residual, conflicted)
+        coef = [self._product_coef(merge)]
+        if scales is None:
+            coef += [self._residual_sources(residual, i) for i in conflicted]
         coef = torch.stack(coef).transpose(1, 2)  # (O, N+1, E)
-        new_b, *rho_b = streaming.combine(rd.sources(pair.b_key), coef, pair.num_experts, "b", g_b.dtype)
-        new_a, *rho_a = streaming.combine(rd.sources(pair.a_key), coef, pair.num_experts, "a", g_a.dtype)
+        args = (pair.num_experts,)
+        new_b, *rho_b = streaming.combine(rd.sources(pair.b_key), coef, *args, "b", g_b.dtype, derived=scales)
+        new_a, *rho_a = streaming.combine(rd.sources(pair.a_key), coef, *args, "a", g_a.dtype, derived=scales)
         self._write(pair, merge, new_b, new_a, conflicted, rho_b, rho_a)
+
+    def _residual_scales(
+        self, merge: torch.Tensor, residual: torch.Tensor | None, conflicted: list[int]
+    ) -> torch.Tensor | None:
+        """(C, E) scales s with ``rho_i = s[i, e] * (new - global)`` per expert, or None if a residual is not
+        such a multiple (leave-one-out consensus). The new global moves by ``eta * sum_j merge_j d_j``."""
+        if not conflicted:
+            return None
+        rows = residual[:, conflicted].transpose(0, 1)  # (C, E, N)
+        norm2 = (merge * merge).sum(-1)  # (E,)
+        ratio = (rows * merge).sum(-1) / norm2.clamp_min(1e-300)
+        ratio = torch.where(norm2 > 0, ratio, torch.zeros_like(ratio))
+        gap = (rows - ratio[..., None] * merge).abs().amax()
+        if gap > 1e-9 * rows.abs().amax().clamp_min(1e-300):
+            return None
+        return ratio / self.eta
 
     def _write(self, pair, merge, new_b, new_a, conflicted, rho_b, rho_a) -> None:
         rd = self.rd

@@ -60,9 +60,9 @@ class AggregationHub:
     Options (keyword arguments; any other name raises TypeError, a bad value ValueError):
         lowrank (fcmoe, fedavg, fedprox, fedgh, fedmoe): ``"factor"`` (default) or ``"exact"``.
             factor: A and B are merged separately with the block's coefficients; inner products and norms are
-            taken in factor space. Cost is a few passes over memory (<= 1.5x fedavg), the merged factors stay in
-            the coordinates clients train in, and retention residuals are exact in state space. Its price: the
-            merged B@A is not the weighted sum of the client products (cross terms).
+            taken in factor space. Cost: three passes over the inputs (validation, Grams, combine; fedavg needs
+            two), the merged factors stay in the coordinates clients train in, and retention residuals are exact in
+            state space. Its price: the merged B@A is not the weighted sum of the client products (cross terms).
             exact: conflicts, norms and cosines are measured on the products B_i A_i through r x r Gram matrices,
             and the merged product (the weighted sum of the projected client products) is re-factorised to rank r
             by a truncated SVD computed from stacked factors (`lowrank.refactor`), never forming out x in. The

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 
 from hf_fcmoe.aggregation.fedavg import normalized_weights
@@ -17,12 +19,38 @@ def shared_zeros(state: State) -> State:
     return {k: torch.zeros((), dtype=t.dtype).expand(t.shape) for k, t in state.items()}
 
 
+class PersonalizedState(Mapping[str, torch.Tensor]):
+    """A client's personalized adapter state, ``global + scale * residual``, computed key by key on access.
+
+    Read-only mapping with the global state's keys. Keys where the client has no residual return the global
+    tensor itself. Lazy because nobody needs every client's full state at once: the engine restarts clients
+    from the residuals and saves adapters key by key, and materialising them up front cost the hub a full
+    state of memory and a pass over it per conflicting client every round. ``dict(state)`` materialises.
+    """
+
+    def __init__(self, global_state: State, residual: State, scale: float):
+        self._global, self._residual, self._scale = global_state, residual, scale
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        tensor = self._global[key]
+        residual = self._residual.get(key)
+        if residual is None:
+            return tensor
+        return (residual * self._scale).add_(tensor)  # bitwise equal to tensor + scale * residual
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._global)
+
+    def __len__(self) -> int:
+        return len(self._global)
+
+
 def personalized_states(rd: Round, method: str, uses_retention: bool, retention_lambda: float) -> dict[str, State]:
     """Per client: its own state (local), the global (no retention) or ``global + lambda * residual``.
 
     With retention, ``rd.residuals`` is completed in place: keys where a client had no conflict get a shared
     zero view, so ``personalized[c][k] == global[k] + lambda * residuals[c][k]`` holds for every key while only
-    conflicting keys cost memory (there the personalized tensor is ``global + lambda * residual``).
+    conflicting keys cost memory. The personalized states are `PersonalizedState` mappings (computed on access).
     """
     if method == "local":
         return {u.client_id: u.state for u in rd.updates}
@@ -33,15 +61,8 @@ def personalized_states(rd: Round, method: str, uses_retention: bool, retention_
     for update in rd.updates:
         own = rd.residuals.get(update.client_id, {})
         rd.residuals[update.client_id] = {k: own.get(k, zeros[k]) for k in rd.new_state}
-        personalized[update.client_id] = {
-            k: _plus_scaled(t, own[k], retention_lambda) if k in own else t for k, t in rd.new_state.items()
-        }
+        personalized[update.client_id] = PersonalizedState(rd.new_state, own, retention_lambda)
     return personalized
-
-
-def _plus_scaled(tensor: torch.Tensor, residual: torch.Tensor, scale: float) -> torch.Tensor:
-    """``tensor + scale * residual`` with one allocation (bitwise equal: IEEE addition commutes)."""
-    return (residual * scale).add_(tensor)
 
 
 def client_weights(rd: Round, method: str, num_layers: int, num_experts: int) -> dict[str, dict[str, float]]:

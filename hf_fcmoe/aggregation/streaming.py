@@ -78,28 +78,47 @@ def delta_gram(b_sources: list[torch.Tensor], a_sources: list[torch.Tensor], num
     return gram
 
 
-def combine(sources: list[torch.Tensor], coef: torch.Tensor, num_experts: int, kind: str, dtype: torch.dtype):
+def _expert_vectors(coef: torch.Tensor, rank: int, kind: str) -> torch.Tensor:
+    """(..., E) per-expert coefficients -> broadcastable over a factor's rows ("a") or columns ("b")."""
+    if kind == "b":  # column k*E + e carries expert e: the coefficient vector tiles over ranks
+        return coef.float().repeat(*([1] * (coef.dim() - 1)), rank).unsqueeze(-2)  # (..., 1, E*r)
+    return coef.float().repeat_interleave(rank, dim=-1).unsqueeze(-1)  # row e*r + k carries expert e: (..., E*r, 1)
+
+
+def combine(
+    sources: list[torch.Tensor],
+    coef: torch.Tensor,
+    num_experts: int,
+    kind: str,
+    dtype: torch.dtype,
+    derived: torch.Tensor | None = None,
+):
     """Per-expert linear combinations of the sources, one output per row of ``coef``.
 
     ``coef`` is (O, M, E): output o's expert e is ``sum_m coef[o, m, e] * source_m[expert e]``; ``kind`` is
     ``"a"`` or ``"b"`` (which factor the sources are). Returns O tensors shaped like the sources, in ``dtype``.
     Sources whose coefficients are all zero for an output are skipped.
+
+    ``derived`` (D, E), optional: D more outputs ``derived[d, e] * (output_0 - source_0)`` per expert, taken
+    from output 0's float32 chunk while it is in cache, so they cost a write but no further read of the
+    sources (FC-MoE's residuals are such multiples of the merged update). They follow the O outputs.
     """
-    outputs = [torch.empty(sources[0].shape, dtype=dtype) for _ in range(coef.shape[0])]
+    count = coef.shape[0] + (0 if derived is None else derived.shape[0])
+    outputs = [torch.empty(sources[0].shape, dtype=dtype) for _ in range(count)]
     rank = sources[0].shape[1 if kind == "b" else 0] // num_experts
-    if kind == "b":  # column k*E + e carries expert e: the coefficient vector tiles over ranks
-        vectors = coef.float().repeat(1, 1, rank)[:, :, None, :]  # (O, M, 1, E*r)
-    else:  # row e*r + k carries expert e
-        vectors = coef.float().repeat_interleave(rank, dim=-1)[:, :, :, None]  # (O, M, E*r, 1)
+    vectors = _expert_vectors(coef, rank, kind)  # (O, M, 1, E*r) or (O, M, E*r, 1)
+    scales = None if derived is None else _expert_vectors(derived, rank, kind)
     total, unit = sources[0].shape
     used = coef.abs().sum(-1) > 0  # (O, M)
     used[:, 0] = True
     step = min(total, _step(4 * unit))
-    temp = None if dtype == torch.float32 else torch.empty(step, unit)
+    temp = None if dtype == torch.float32 and derived is None else torch.empty(step, unit)
+    delta = None if derived is None else torch.empty(step, unit)
     for start in range(0, total, step):
         stop = min(total, start + step)
         chunks = [_f32(src[start:stop]) for src in sources]
-        for o, output in enumerate(outputs):
+        for o in range(coef.shape[0]):
+            output = outputs[o]
             acc = output[start:stop] if temp is None else temp[: stop - start]
             vec = vectors[o] if kind == "b" else vectors[o][:, start:stop]
             torch.mul(chunks[0], vec[0], out=acc)
@@ -108,6 +127,11 @@ def combine(sources: list[torch.Tensor], coef: torch.Tensor, num_experts: int, k
                     acc.addcmul_(chunks[m], vec[m])
             if temp is not None:
                 output[start:stop].copy_(acc)
+            if o == 0 and scales is not None:
+                diff = torch.sub(acc, chunks[0], out=delta[: stop - start])
+                for d in range(scales.shape[0]):
+                    scale = scales[d] if kind == "b" else scales[d][start:stop]
+                    torch.mul(diff, scale, out=outputs[coef.shape[0] + d][start:stop])
     return outputs
 
 

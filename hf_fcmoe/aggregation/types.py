@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -34,14 +35,15 @@ class AggregationResult:
     global_state: same keys, shapes and dtypes as the input global state.
     residuals: per client, a state-shaped dict; ``personalized[c] == global_state + retention_lambda * residuals[c]``
         element-wise (empty for methods without retention).
-    personalized: per client, its personalized adapter state.
+    personalized: per client, its personalized adapter state (a read-only mapping that computes
+        ``global + lambda * residual`` key by key on access; ``dict(...)`` materialises it).
     weights: per client, per expert block ``"L{layer}.E{expert}"`` (and ``"dense"``), the weight it got.
     diagnostics: conflict counts/rates, norms, rejected updates and why.
     failed: True when every update was rejected and the global state was returned unchanged.
     """
 
     global_state: State
-    personalized: dict[str, State] = field(default_factory=dict)
+    personalized: dict[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
     residuals: dict[str, State] = field(default_factory=dict)
     weights: dict[str, dict[str, float]] = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
