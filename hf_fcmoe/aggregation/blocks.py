@@ -234,9 +234,9 @@ class BlockRound:
         if scales is None:
             coef += [self._residual_sources(residual, i) for i in conflicted]
         coef = torch.stack(coef).transpose(1, 2)  # (O, N+1, E)
-        args = (pair.num_experts,)
-        new_b, *rho_b = streaming.combine(rd.sources(pair.b_key), coef, *args, "b", g_b.dtype, derived=scales)
-        new_a, *rho_a = streaming.combine(rd.sources(pair.a_key), coef, *args, "a", g_a.dtype, derived=scales)
+        experts = pair.num_experts
+        new_b, *rho_b = streaming.combine(rd.sources(pair.b_key), coef, experts, "b", g_b.dtype, derived=scales)
+        new_a, *rho_a = streaming.combine(rd.sources(pair.a_key), coef, experts, "a", g_a.dtype, derived=scales)
         self._write(pair, merge, new_b, new_a, conflicted, rho_b, rho_a)
 
     def _residual_scales(

@@ -112,7 +112,7 @@ def combine(
     used = coef.abs().sum(-1) > 0  # (O, M)
     used[:, 0] = True
     step = min(total, _step(4 * unit))
-    temp = None if dtype == torch.float32 and derived is None else torch.empty(step, unit)
+    temp = None if dtype == torch.float32 else torch.empty(step, unit)
     delta = None if derived is None else torch.empty(step, unit)
     for start in range(0, total, step):
         stop = min(total, start + step)
