@@ -104,7 +104,8 @@ def test_leave_one_out_residuals_are_recombined(layout, monkeypatch):  # noqa: F
     monkeypatch.setattr(blocks.BlockRound, "_residual_scales", lambda self, *a: calls.append(original(self, *a)))
     glob = make_state(layout, 0)
     result = AggregationHub(layout, "fcmoe", leave_one_out=True).aggregate(glob, conflicting_updates(layout, glob))
-    assert result.diagnostics["conflict_rate"] > 0 and any(r["client3"] for r in [result.residuals])
+    assert result.diagnostics["conflict_rate"] > 0
+    assert any(tensor.any() for tensor in result.residuals["client3"].values())  # the recombined path ran
     assert calls and all(c is None for c in calls)
 
 
