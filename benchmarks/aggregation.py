@@ -54,9 +54,8 @@ MODES = {
 def build_layout(small: bool, rank: int):
     import transformers
 
-    from hf_fcmoe.adapters import build_lora_config
-    from hf_fcmoe.layout import ExpertLayout
-    from hf_fcmoe.moe import get_family
+    from hf_fcmoe.adapters.lora import build_lora_config, expert_layout_from_configs
+    from hf_fcmoe.models.families import get_family
 
     if small:
         config = transformers.MixtralConfig(
@@ -65,7 +64,7 @@ def build_layout(small: bool, rank: int):
     else:
         config = transformers.MixtralConfig()  # Mixtral-8x7B: 32 layers, 8 experts, hidden 4096, intermediate 14336
     lora_config = build_lora_config(get_family(config), r=rank, targets=["experts", "router", "attention"])
-    return ExpertLayout.from_configs(config, lora_config)
+    return expert_layout_from_configs(config, lora_config)
 
 
 def build_inputs(layout, clients: int, seed: int):

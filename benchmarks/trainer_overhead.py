@@ -22,12 +22,12 @@ import torch
 from transformers import Trainer, TrainingArguments
 from trl import SFTTrainer
 
-from hf_fcmoe.adapters import apply_expert_lora, build_lora_config
+from hf_fcmoe.adapters.lora import apply_expert_lora, build_lora_config
 from hf_fcmoe.config import FederatedMoEConfig
 from hf_fcmoe.data.synthetic import synthetic_domains
 from hf_fcmoe.federation.client import ClientWorker
-from hf_fcmoe.moe import build_tiny_moe, get_family
-from hf_fcmoe.trainer import FederatedMoETrainer
+from hf_fcmoe.models.families import build_tiny_moe, get_family
+from hf_fcmoe.training.trainer import FederatedMoETrainer
 
 
 def _fresh_model(hidden: int, layers: int):
@@ -66,7 +66,7 @@ def main() -> None:
         logging_strategy="no",
         seed=0,
     )
-    fed_args = FederatedMoEConfig(**common, max_length=96, router_aux_loss_coef=0.0, gradient_checkpointing=False)
+    fed_args = FederatedMoEConfig(**common, max_length=96, router_aux_loss_coef=0.0, activation_checkpointing=False)
     model, tokenizer = _fresh_model(args.hidden, args.layers)
     worker = ClientWorker(model, tokenizer, fed_args)
     splits = worker.prepare(synthetic_domains(args.steps * args.batch), synthetic_domains(8))

@@ -1,4 +1,7 @@
-"""`hf-fcmoe`: the command line. Each sub-command reads a recipe YAML; `--key value` overrides any field."""
+"""`hf-fcmoe`: the command line. Each sub-command reads a recipe YAML; `--key value` overrides any field.
+
+Every heavy import happens inside the sub-command that needs it, so `hf-fcmoe --help` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hf_fcmoe.config import load_config, parse_override_value
-
 
 def parse_overrides(tokens: Sequence[str]) -> dict:
     """``--key value`` / ``--key=value`` pairs into a dict (values read as YAML scalars/lists)."""
+    from hf_fcmoe.config import parse_override_value
+
     overrides: dict = {}
     tokens = list(tokens)
     i = 0
@@ -32,6 +35,7 @@ def parse_overrides(tokens: Sequence[str]) -> dict:
 def _simulate(args: argparse.Namespace, overrides: dict) -> int:
     from accelerate import PartialState
 
+    from hf_fcmoe.config import load_config
     from hf_fcmoe.federation.simulation import run_simulation
 
     config = load_config(args.config, overrides)
@@ -53,6 +57,7 @@ def _simulate(args: argparse.Namespace, overrides: dict) -> int:
 
 
 def _partition(args: argparse.Namespace, overrides: dict) -> int:
+    from hf_fcmoe.config import load_config
     from hf_fcmoe.data.partition_report import run_partition
 
     config = load_config(args.config, overrides)
@@ -84,7 +89,7 @@ def _upcycle(args: argparse.Namespace, overrides: dict) -> int:
     import json
 
     from hf_fcmoe.config import load_yaml_dataclass
-    from hf_fcmoe.upcycle import UpcycleConfig, upcycle
+    from hf_fcmoe.models.upcycle import UpcycleConfig, upcycle
 
     report = upcycle(load_yaml_dataclass(UpcycleConfig, args.config, overrides))
     summary = {

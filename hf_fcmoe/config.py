@@ -18,7 +18,7 @@ import yaml
 from transformers import HfArgumentParser
 from trl import SFTConfig
 
-from hf_fcmoe.adapters import TARGET_CHOICES
+from hf_fcmoe.adapters.lora import TARGET_CHOICES
 from hf_fcmoe.data.federated import DataSpec
 
 T = TypeVar("T")
@@ -99,6 +99,15 @@ class FederatedMoEConfig(SFTConfig):
         default=False, metadata={"help": "Start over when output_dir already holds a run (else: error or --resume)."}
     )
     push_to_hub_repo: str | None = field(default=None, metadata={"help": "Hub repo to publish adapters to."})
+    # --- local training: TRL turns recomputation on by default, under transformers' current name (setting
+    # the deprecated `gradient_checkpointing` alias made transformers warn on every config, i.e. every run)
+    activation_checkpointing: bool | None = field(
+        default=True,
+        metadata={"help": "Recompute activations in backward to save memory (old name: gradient_checkpointing)."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
+    )
 
     def __post_init__(self):
         if self.bf16 is None:

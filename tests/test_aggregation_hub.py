@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.utils import merge_utils
 
-from hf_fcmoe.adapters import build_lora_config
+from hf_fcmoe.adapters.layout import ExpertLayout, split_expert_a, split_expert_b
+from hf_fcmoe.adapters.lora import build_lora_config, expert_layout_from_configs
 from hf_fcmoe.aggregation import METHODS, AggregationHub, ClientUpdate
-from hf_fcmoe.layout import ExpertLayout, split_expert_a, split_expert_b
-from hf_fcmoe.moe import build_tiny_moe, get_family
+from hf_fcmoe.models.families import build_tiny_moe, get_family
 
 EXACT_CAPABLE = ("fcmoe", "fedavg", "fedgh", "fedmoe")
 FAST = settings(max_examples=10, deadline=None)
@@ -21,7 +21,7 @@ FAST = settings(max_examples=10, deadline=None)
 def layout() -> ExpertLayout:
     model, _ = build_tiny_moe("mixtral")
     lora_config = build_lora_config(get_family(model.config), r=4, targets=["experts", "router", "attention"])
-    return ExpertLayout.from_configs(model.config, lora_config)
+    return expert_layout_from_configs(model.config, lora_config)
 
 
 def make_state(layout, seed, scale=0.1):

@@ -6,13 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.utils import merge_utils
 
-from hf_fcmoe.adapters import build_lora_config
+from hf_fcmoe.adapters.lora import build_lora_config, expert_layout_from_configs
 from hf_fcmoe.aggregation import lowrank
 from hf_fcmoe.aggregation.projection import consensus_projection, pcgrad_coefficients
 from hf_fcmoe.aggregation.server_opt import ServerOptimizer
 from hf_fcmoe.aggregation.ties import dare_ties_merge, ties_merge
 from hf_fcmoe.aggregation.weighting import importance_weights, masked_median
-from hf_fcmoe.layout import ExpertLayout
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -204,11 +203,11 @@ def test_factorize_dense_stays_balanced_when_the_reference_misses_the_row_space(
 def test_ties_rounds_do_not_blow_up_the_factors():
     """Ten TIES rounds (trim to 20%, re-factorise to rank r): the factors stay finite and of moderate norm."""
     from hf_fcmoe.aggregation import AggregationHub
-    from hf_fcmoe.moe import build_tiny_moe, get_family
+    from hf_fcmoe.models.families import build_tiny_moe, get_family
     from tests.test_aggregation_hub import make_state, make_updates
 
     model, _ = build_tiny_moe("mixtral")
-    layout = ExpertLayout.from_configs(model.config, build_lora_config(get_family(model.config), r=4))
+    layout = expert_layout_from_configs(model.config, build_lora_config(get_family(model.config), r=4))
     hub = AggregationHub(layout, "ties", density=0.2)
     state = make_state(layout, seed=0, scale=0.3)
     for round_index in range(10):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from hf_fcmoe.adapters.layout import split_expert_a, split_expert_b
 from hf_fcmoe.aggregation import AggregationHub, lowrank, streaming
-from hf_fcmoe.layout import split_expert_a, split_expert_b
 from tests.test_aggregation_hub import conflicting_updates, layout, make_state, make_updates  # noqa: F401
 
 E, R, OUT, IN, M = 4, 3, 37, 29, 5

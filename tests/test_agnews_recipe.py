@@ -31,7 +31,7 @@ def test_agnews_recipe_on_local_fixture(tmp_path):
         "eval_fraction": 0.25,
         "max_length": 320,
         "bf16": False,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "per_device_train_batch_size": 4,
     }
     bench = load_bench_config(

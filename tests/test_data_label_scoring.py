@@ -11,7 +11,7 @@ from torch import nn
 from hf_fcmoe.data.formatting import to_training_format
 from hf_fcmoe.metrics import load_metric
 from hf_fcmoe.metrics.label_scoring import evaluate_label_scoring, label_scoring_accuracy, score_labels
-from hf_fcmoe.tokenization import build_byte_tokenizer
+from hf_fcmoe.models.tokenization import build_byte_tokenizer
 
 
 class BigramLM(nn.Module):
@@ -86,7 +86,7 @@ def test_evaluate_on_a_classification_split(setup):
 
 
 def test_tiny_moe_scores_without_router_loss():
-    from hf_fcmoe.moe import build_tiny_moe
+    from hf_fcmoe.models.families import build_tiny_moe
 
     model, tokenizer = build_tiny_moe("mixtral", seed=0)
     model.config.output_router_logits = True

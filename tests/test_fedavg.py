@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_fcmoe.adapters import build_lora_config
+from hf_fcmoe.adapters.layout import ExpertLayout
+from hf_fcmoe.adapters.lora import build_lora_config, expert_layout_from_configs
 from hf_fcmoe.aggregation import AggregationHub, ClientUpdate
-from hf_fcmoe.layout import ExpertLayout
-from hf_fcmoe.moe import FAMILIES, tiny_moe_config
+from hf_fcmoe.models.families import FAMILIES, tiny_moe_config
 
 
 @pytest.fixture(scope="module")
 def layout() -> ExpertLayout:
     config = tiny_moe_config("mixtral")
-    return ExpertLayout.from_configs(
+    return expert_layout_from_configs(
         config, build_lora_config(FAMILIES["mixtral"], r=2, targets=["experts", "router"])
     )
 

@@ -7,15 +7,20 @@ import torch
 from peft import get_peft_model_state_dict
 from peft.tuners.lora.layer import LoraLayer
 
-from hf_fcmoe.adapters import apply_expert_lora, build_lora_config
-from hf_fcmoe.layout import (
+from hf_fcmoe.adapters.layout import (
     ExpertLayout,
     merge_expert_a,
     merge_expert_b,
     split_expert_a,
     split_expert_b,
 )
-from hf_fcmoe.moe import FAMILIES, build_tiny_moe, get_family
+from hf_fcmoe.adapters.lora import (
+    apply_expert_lora,
+    build_lora_config,
+    expert_layout_from_configs,
+    expert_layout_from_peft_model,
+)
+from hf_fcmoe.models.families import FAMILIES, build_tiny_moe, get_family
 
 
 def _randomized_peft_model(model_type: str, targets: list[str]):
@@ -36,7 +41,7 @@ def test_slices_rebuild_peft_delta_for_every_family(model_type):
     family = FAMILIES[model_type]
     targets = ["experts", "router", "attention"] + (["shared_experts"] if family.shared_expert_modules else [])
     peft_model, lora_config = _randomized_peft_model(model_type, targets)
-    layout = ExpertLayout.from_peft_model(peft_model)
+    layout = expert_layout_from_peft_model(peft_model)
     state = get_peft_model_state_dict(peft_model)
     assert set(state) == set(layout.keys)
     modules = dict(peft_model.named_modules())
@@ -58,15 +63,15 @@ def test_slices_rebuild_peft_delta_for_every_family(model_type):
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
 def test_layout_from_configs_needs_no_weights(model_type):
     peft_model, lora_config = _randomized_peft_model(model_type, ["experts", "router", "attention"])
-    from_model = ExpertLayout.from_peft_model(peft_model)
-    from_configs = ExpertLayout.from_configs(peft_model.get_base_model().config, lora_config)
+    from_model = expert_layout_from_peft_model(peft_model)
+    from_configs = expert_layout_from_configs(peft_model.get_base_model().config, lora_config)
     assert from_configs.to_dict() == from_model.to_dict()
     assert ExpertLayout.from_dict(from_model.to_dict()).to_dict() == from_model.to_dict()
 
 
 def test_expert_tensor_names_follow_wrapper_parameter_names():
     peft_model, _ = _randomized_peft_model("mixtral", ["experts"])
-    layout = ExpertLayout.from_peft_model(peft_model)
+    layout = expert_layout_from_peft_model(peft_model)
     by_param = {pair.parameter: pair for pair in layout.by_kind("expert") if pair.layer == 0}
     config = peft_model.get_base_model().config
     assert by_param["gate_up_proj"].in_features == config.hidden_size

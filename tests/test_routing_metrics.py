@@ -39,8 +39,8 @@ def test_dense_layers_do_not_count_as_routing_layers():
 
 
 def test_probe_counts_every_real_token_top_k_times_in_eval_mode():
-    from hf_fcmoe.moe import build_tiny_moe
-    from hf_fcmoe.routing_probe import expert_usage, routing_specialisation
+    from hf_fcmoe.metrics.routing_probe import expert_usage, routing_specialisation
+    from hf_fcmoe.models.families import build_tiny_moe
 
     model, tokenizer = build_tiny_moe("mixtral")
     model.train()

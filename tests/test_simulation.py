@@ -10,10 +10,10 @@ from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
 
 from hf_fcmoe.data.federated import load_federated_data
-from hf_fcmoe.evaluation import nll_sum_and_count
 from hf_fcmoe.federation.client import ClientWorker
 from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights
 from hf_fcmoe.federation.simulation import FederatedSimulation, run_simulation
+from hf_fcmoe.metrics.loss import nll_sum_and_count
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ import torch
 from datasets import Dataset
 from peft import PeftModel
 
-from hf_fcmoe.adapters import apply_expert_lora, build_lora_config
+from hf_fcmoe.adapters.lora import apply_expert_lora, build_lora_config, expert_layout_from_peft_model
 from hf_fcmoe.config import FederatedMoEConfig
 from hf_fcmoe.data.synthetic import synthetic_domains
-from hf_fcmoe.layout import ExpertLayout
-from hf_fcmoe.moe import build_tiny_moe, get_family
-from hf_fcmoe.trainer import FederatedMoETrainer, adapter_state
+from hf_fcmoe.models.families import build_tiny_moe, get_family
+from hf_fcmoe.training.trainer import FederatedMoETrainer, adapter_state
 
 NEVER_ROUTED = 3  # expert index the routing hook below removes from layer 0
 
@@ -53,7 +52,7 @@ def _forbid_expert(peft_model: PeftModel, layer: int, expert: int) -> None:
 def test_local_round_moves_routed_experts_only(tmp_path):
     peft_model, tokenizer = _model()
     _forbid_expert(peft_model, layer=0, expert=NEVER_ROUTED)
-    layout = ExpertLayout.from_peft_model(peft_model)
+    layout = expert_layout_from_peft_model(peft_model)
     base_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" not in n}
     start = adapter_state(peft_model)
     trainer = FederatedMoETrainer(
@@ -84,7 +83,7 @@ def test_local_round_moves_routed_experts_only(tmp_path):
 def test_expert_counts_sum_to_tokens_times_top_k(tmp_path, checkpointing):
     peft_model, tokenizer = _model()
     top_k = peft_model.get_base_model().config.num_experts_per_tok
-    args = _args(tmp_path, gradient_checkpointing=checkpointing, max_steps=3)
+    args = _args(tmp_path, activation_checkpointing=checkpointing, max_steps=3)
     trainer = FederatedMoETrainer(
         peft_model, args=args, train_dataset=synthetic_domains(48), processing_class=tokenizer
     )

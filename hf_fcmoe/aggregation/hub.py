@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from hf_fcmoe.adapters.layout import ExpertLayout
 from hf_fcmoe.aggregation.blocks import BlockRound
 from hf_fcmoe.aggregation.fedavg import fedavg_tensor, mean_delta, normalized_weights
 from hf_fcmoe.aggregation.options import MASKED, METHODS, resolve_options
@@ -20,7 +21,6 @@ from hf_fcmoe.aggregation.server_opt import ServerOptimizer
 from hf_fcmoe.aggregation.types import AggregationResult, ClientUpdate, State
 from hf_fcmoe.aggregation.validation import partition_valid
 from hf_fcmoe.aggregation.weighting import activation_frequency
-from hf_fcmoe.layout import ExpertLayout
 
 __all__ = ["METHODS", "AggregationHub"]
 

@@ -18,7 +18,7 @@ import contextlib
 
 import torch
 
-from hf_fcmoe.layout import split_expert_a, split_expert_b
+from hf_fcmoe.adapters.layout import split_expert_a, split_expert_b
 
 _EIG_RTOL = 1e-12
 GAUGE_COND_MAX = 10.0  # condition bound of the r x r gauge (see fix_gauge)

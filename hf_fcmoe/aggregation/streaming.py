@@ -6,7 +6,7 @@ stacked copy and no expert-major copy of a full tensor is ever formed: each sour
 the per-chunk scratch (~2 MB) is allocated once per call and reused, and float32 accumulation happens on
 data that is still in cache.
 
-PEFT layout (see `hf_fcmoe.layout`): ``A`` is (E*r, in) with expert e in rows ``e*r:(e+1)*r``; ``B`` is
+PEFT layout (see `hf_fcmoe.adapters.layout`): ``A`` is (E*r, in) with expert e in rows ``e*r:(e+1)*r``; ``B`` is
 (out, E*r) with rank k of expert e in column ``k*E + e``. Inputs of other float dtypes are converted chunk by
 chunk to float32 before any arithmetic.
 

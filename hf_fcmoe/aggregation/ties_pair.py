@@ -9,11 +9,11 @@ import zlib
 
 import torch
 
+from hf_fcmoe.adapters.layout import LoraPair, merge_expert_a, merge_expert_b, split_expert_a, split_expert_b
 from hf_fcmoe.aggregation import lowrank
 from hf_fcmoe.aggregation.rounds import Round
 from hf_fcmoe.aggregation.ties import dare_ties_merge, ties_merge
 from hf_fcmoe.aggregation.types import State
-from hf_fcmoe.layout import LoraPair, merge_expert_a, merge_expert_b, split_expert_a, split_expert_b
 
 
 def ties_pair(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_fcmoe.adapters.layout import ExpertLayout
 from hf_fcmoe.aggregation.types import ClientUpdate, State
-from hf_fcmoe.layout import ExpertLayout
 
 
 class UpdateRejected(ValueError):

@@ -76,7 +76,7 @@ def prepare_base(bench: BenchConfig) -> str | None:
     """Pretrain (or reuse) the benchmark's base when it has a ``pretrain`` section; its folder, else None."""
     if bench.pretrain is None:
         return None
-    from hf_fcmoe.pretrain import PretrainConfig, pretrain_base
+    from hf_fcmoe.models.pretrain import PretrainConfig, pretrain_base
 
     values = {"output_dir": str(Path(bench.output_dir) / "base"), **bench.pretrain}
     return str(pretrain_base(PretrainConfig(**values)).resolve())
@@ -141,8 +141,8 @@ def base_routing(config: FederatedMoEConfig, per_domain: int = 100) -> dict:
     """Routing specialisation of the run's base model on the benchmark's own domains (its label column)."""
     from hf_fcmoe.data.federated import resolve_text_column
     from hf_fcmoe.data.sources import load_source
-    from hf_fcmoe.loading import load_base_model
-    from hf_fcmoe.routing_probe import routing_specialisation, texts_by_domain
+    from hf_fcmoe.metrics.routing_probe import routing_specialisation, texts_by_domain
+    from hf_fcmoe.models.loading import load_base_model
 
     raw = load_source(config.dataset_name, config.dataset_config, config.dataset_split, config.num_examples, 0)
     text_column = resolve_text_column(raw, config.dataset_name, config.text_column)

@@ -18,8 +18,8 @@ from trl import SFTTrainer
 
 from hf_fcmoe.aggregation.types import ClientUpdate, State
 from hf_fcmoe.config import FederatedMoEConfig
-from hf_fcmoe.evaluation import eval_loss
-from hf_fcmoe.trainer import FederatedMoETrainer, load_adapter_state
+from hf_fcmoe.metrics.loss import eval_loss
+from hf_fcmoe.training.trainer import FederatedMoETrainer, load_adapter_state
 
 
 @dataclass

@@ -10,9 +10,9 @@ import numpy as np
 from datasets import Dataset
 
 from hf_fcmoe.aggregation.types import State
-from hf_fcmoe.evaluation import nll_sum_and_count
 from hf_fcmoe.metrics.label_scoring import evaluate_label_scoring
-from hf_fcmoe.trainer import load_adapter_state
+from hf_fcmoe.metrics.loss import nll_sum_and_count
+from hf_fcmoe.training.trainer import load_adapter_state
 
 
 def state_nbytes(state: State) -> int:

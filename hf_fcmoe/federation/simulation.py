@@ -22,7 +22,8 @@ import yaml
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from hf_fcmoe.adapters import apply_expert_lora, build_lora_config
+from hf_fcmoe.adapters.layout import ExpertLayout
+from hf_fcmoe.adapters.lora import apply_expert_lora, build_lora_config, expert_layout_from_peft_model
 from hf_fcmoe.aggregation import AggregationHub, AggregationResult, ClientUpdate
 from hf_fcmoe.aggregation.types import State
 from hf_fcmoe.config import FederatedMoEConfig
@@ -30,10 +31,9 @@ from hf_fcmoe.data.federated import FederatedData, load_federated_data
 from hf_fcmoe.federation.client import ClientWorker, PreparedSplits, round_seed
 from hf_fcmoe.federation.round_metrics import evaluate_round, state_nbytes
 from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights, save_adapter_folder
-from hf_fcmoe.layout import ExpertLayout
-from hf_fcmoe.loading import is_tiny, load_base_model, save_base_model
-from hf_fcmoe.moe import get_family
-from hf_fcmoe.trainer import adapter_state
+from hf_fcmoe.models.families import get_family
+from hf_fcmoe.models.loading import is_tiny, load_base_model, save_base_model
+from hf_fcmoe.training.trainer import adapter_state
 
 RESUME_IGNORED_KEYS = {"output_dir", "num_rounds", "overwrite_output_dir"}
 
@@ -113,7 +113,7 @@ class FederatedSimulation:
         )
         torch.manual_seed(config.seed)
         self.model = apply_expert_lora(model, self.lora_config)
-        self.layout = ExpertLayout.from_peft_model(self.model)
+        self.layout = expert_layout_from_peft_model(self.model)
         self.hub = build_hub(config, self.layout)
         self.worker = ClientWorker(self.model, self.tokenizer, config)
         self.splits: dict[str, PreparedSplits] = {}
@@ -310,7 +310,7 @@ class FederatedSimulation:
         self.run_dir.write_state({"last_round": round_index, "num_rounds": self.config.num_rounds})
 
     def _finish(self, global_state: State) -> SimulationResult:
-        from hf_fcmoe.report import write_run_report
+        from hf_fcmoe.reporting.run_report import write_run_report
 
         root = self.run_dir.root
         personalized_dirs = {cid: root / "personalized" / cid for cid in self.data.client_ids}

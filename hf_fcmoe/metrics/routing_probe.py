@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from hf_fcmoe.callbacks import ExpertTokenCounter
 from hf_fcmoe.metrics.routing import specialisation_summary
+from hf_fcmoe.training.callbacks import ExpertTokenCounter
 
 
 def texts_by_domain(texts: list, domains: list, per_domain: int) -> dict[str, list[str]]:

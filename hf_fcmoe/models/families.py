@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from hf_fcmoe.tokenization import build_byte_tokenizer
+from hf_fcmoe.models.tokenization import build_byte_tokenizer
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hf_fcmoe.moe import assert_moe_model, build_tiny_moe
+from hf_fcmoe.models.families import assert_moe_model, build_tiny_moe
 
 TINY_PREFIX = "tiny:"
 
@@ -28,7 +28,7 @@ def load_base_model(
     if is_tiny(model_name_or_path):
         overrides = {}
         if num_experts is not None:
-            from hf_fcmoe.moe import get_family
+            from hf_fcmoe.models.families import get_family
 
             overrides[get_family(model_name_or_path[len(TINY_PREFIX) :]).num_experts_attr] = num_experts
         return build_tiny_moe(model_name_or_path[len(TINY_PREFIX) :], seed=seed, **overrides)

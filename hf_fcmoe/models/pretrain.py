@@ -20,10 +20,10 @@ from datasets import Dataset, concatenate_datasets
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from hf_fcmoe.data.sources import load_source
-from hf_fcmoe.evaluation import eval_loss
-from hf_fcmoe.moe import get_family, tiny_moe_config
-from hf_fcmoe.routing_probe import routing_specialisation, texts_by_domain
-from hf_fcmoe.tokenization import build_byte_tokenizer
+from hf_fcmoe.metrics.loss import eval_loss
+from hf_fcmoe.metrics.routing_probe import routing_specialisation, texts_by_domain
+from hf_fcmoe.models.families import get_family, tiny_moe_config
+from hf_fcmoe.models.tokenization import build_byte_tokenizer
 
 
 @dataclass

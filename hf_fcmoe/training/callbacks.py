@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from hf_fcmoe.layout import layer_index
-from hf_fcmoe.moe import get_family
+from hf_fcmoe.adapters.layout import layer_index
+from hf_fcmoe.models.families import get_family
 
 
 def _in_backward() -> bool:

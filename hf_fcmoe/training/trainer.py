@@ -20,8 +20,8 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from trl import SFTTrainer
 
 from hf_fcmoe.aggregation.types import ClientUpdate, State
-from hf_fcmoe.callbacks import ExpertUsageCallback
-from hf_fcmoe.moe import assert_moe_model
+from hf_fcmoe.models.families import assert_moe_model
+from hf_fcmoe.training.callbacks import ExpertUsageCallback
 
 
 def adapter_state(model: PeftModel) -> State:

@@ -1,0 +1,1 @@
+"""A client's local round: `FederatedMoETrainer` and its callbacks (expert token counts)."""
