@@ -33,6 +33,7 @@ from hf_fcmoe.federation.round_metrics import evaluate_round, state_nbytes
 from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights, save_adapter_folder
 from hf_fcmoe.models.families import get_family
 from hf_fcmoe.models.loading import is_tiny, load_base_model, save_base_model
+from hf_fcmoe.models.preflight import check_run
 from hf_fcmoe.training.trainer import adapter_state
 
 RESUME_IGNORED_KEYS = {"output_dir", "num_rounds", "overwrite_output_dir"}
@@ -101,6 +102,7 @@ class FederatedSimulation:
         _check_data(self.data)
         base_dir = self.run_dir.base_model_dir
         source = str(base_dir) if (resume and base_dir.exists()) else config.model_name_or_path
+        check_run(config)  # launch, MoE family and LoRA targets, from configs alone: before any weights are read
         model, self.tokenizer = load_base_model(source, seed=config.seed, num_experts=config.tiny_num_experts)
         family = get_family(model.config)
         base_reference = config.model_name_or_path
