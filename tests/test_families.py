@@ -141,3 +141,12 @@ def test_expert_token_counts_for_discovered_families(model_type):
     assert moe_layers  # some layer routed tokens
     for layer in moe_layers:  # each of the 10 tokens went to exactly top_k experts
         assert int(counts[layer].sum()) == 10 * family.top_k(model.config)
+
+
+def test_readme_lists_every_family_with_its_status():
+    from pathlib import Path
+
+    from hf_fcmoe.models.family_support import support_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert support_table() in readme, "regenerate with: python -m hf_fcmoe.models.family_support"

@@ -285,6 +285,14 @@ def discover(config: PretrainedConfig | str) -> Discovered:
 
     if model_type in UNSUPPORTED:
         raise UnsupportedMoEError(f"model_type {model_type!r} is not supported because {UNSUPPORTED[model_type]}")
+    if not isinstance(config, str):
+        try:
+            return _discover_type(model_type)
+        except Exception:  # a real config may build where the type's default (shrunk) one does not: read it on meta
+            try:
+                return discover_from_model(build_on_meta(config))
+            except Exception:
+                pass  # the type-level reason below is the one to report
     try:
         return _discover_type(model_type)
     except UnsupportedMoEError as error:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cache, lru_cache
+from functools import lru_cache
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -90,9 +90,18 @@ _TINY_KWARGS: dict[str, dict] = {
 }
 
 
-@cache
-def _family_of_type(model_type: str) -> MoEFamily:
-    found = discover(model_type)
+_FAMILY_CACHE: dict[str, MoEFamily] = {}
+
+
+def _family_of_type(model_type: str, config: PretrainedConfig | None = None) -> MoEFamily:
+    """Discovered once per model type (from the type's default config, else from `config` itself)."""
+    if model_type not in _FAMILY_CACHE:
+        _FAMILY_CACHE[model_type] = _family_from(discover(config if config is not None else model_type))
+    return _FAMILY_CACHE[model_type]
+
+
+def _family_from(found) -> MoEFamily:
+    model_type = found.model_type
     return MoEFamily(
         model_type=model_type,
         moe_module=found.moe_module,
@@ -125,7 +134,7 @@ def get_family(config: PretrainedConfig | str) -> MoEFamily:
             f"model_type {model_type!r} is not supported because it is a multimodal wrapper; "
             f"fine-tune its language model (model_type {text_type!r}) instead"
         )
-    return _family_of_type(model_type)
+    return _family_of_type(model_type, None if isinstance(config, str) else config)
 
 
 class _DiscoveredFamilies(Mapping):
