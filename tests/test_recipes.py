@@ -109,6 +109,8 @@ def test_bad_model_and_targets_fail_before_any_weights(tmp_path):
     bad_targets = {"model_name_or_path": str(mixtral), "lora_targets": ["experts", "shared_experts"]}
     with pytest.raises(ValueError, match="'shared_experts' does not exist in model_type 'mixtral'"):
         check_run(load_config(overrides={**bad_targets, "output_dir": str(tmp_path / "o")}))
+    with pytest.raises(FileNotFoundError, match="has a config.json but no weights"):
+        check_run(load_config(overrides={"model_name_or_path": str(mixtral), "output_dir": str(tmp_path / "o")}))
 
 
 def test_gpu_check_skips_on_cpu_and_its_round_runs_at_test_sizes(capsys):

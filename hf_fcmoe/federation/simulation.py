@@ -97,12 +97,12 @@ class FederatedSimulation:
         self.process = PartialState()
         self.quiet = not (progress and self.process.is_main_process)  # progress bars on the main process only
         self._check_output_dir()
+        check_run(config)  # launch, MoE family, LoRA targets, weights present: from configs, before data or weights
         # Everything that can fail on bad input happens here, before any training.
         self.data = load_federated_data(config.data_spec())
         _check_data(self.data)
         base_dir = self.run_dir.base_model_dir
         source = str(base_dir) if (resume and base_dir.exists()) else config.model_name_or_path
-        check_run(config)  # launch, MoE family and LoRA targets, from configs alone: before any weights are read
         model, self.tokenizer = load_base_model(source, seed=config.seed, num_experts=config.tiny_num_experts)
         family = get_family(model.config)
         base_reference = config.model_name_or_path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -16,6 +17,7 @@ from transformers import AutoConfig, PretrainedConfig
 from hf_fcmoe.models.families import get_family, tiny_moe_config
 
 _TINY = "tiny:"
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf")
 
 
 def _flag(name: str) -> bool:
@@ -71,3 +73,9 @@ def check_run(config) -> None:
         return
     family = get_family(model_config)
     build_lora_config(family, config.lora_r, config.lora_alpha, config.lora_targets)
+    folder = Path(config.model_name_or_path)
+    if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in _WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"model folder {folder} has a config.json but no weights (*.safetensors / *.bin); recipes/<model>/ "
+            "folders hold published configs only: set model_name_or_path to the Hub id or a downloaded checkpoint"
+        )
