@@ -20,6 +20,7 @@ from trl import SFTConfig
 
 from hf_fcmoe.adapters.lora import TARGET_CHOICES
 from hf_fcmoe.aggregation.options import METHODS
+from hf_fcmoe.config_checks import check_run_settings
 from hf_fcmoe.config_fields import check_known_keys, check_value_types, read_yaml_mapping
 from hf_fcmoe.data.federated import DataSpec
 
@@ -136,6 +137,7 @@ class FederatedMoEConfig(SFTConfig):
             raise ValueError(f"unknown engine {self.engine!r}; available: simulation, flower")
         if self.retention_lambda < 0:
             raise ValueError(f"retention_lambda must be >= 0, got {self.retention_lambda}")
+        check_run_settings(self)  # every other value, before a run writes anything (config_checks.py)
 
     @property
     def sampled_per_round(self) -> int:
@@ -167,7 +169,11 @@ _DERIVED_FIELDS = {"logging_dir", "hub_token", "local_rank"}
 
 def parse_override_value(text: str) -> Any:
     """`--key value` on the command line: the value is read as YAML (numbers, booleans, lists)."""
-    return _as_number(yaml.safe_load(text))
+    try:
+        return _as_number(yaml.safe_load(text))
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ValueError(f"command-line value {text!r} is not valid YAML ({problem}); quote it") from None
 
 
 def _as_number(value: Any) -> Any:

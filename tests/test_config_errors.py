@@ -105,3 +105,21 @@ def test_upcycle_and_bench_help_list_their_fields(capsys, command, module, name)
     for f in dataclasses.fields(cls):
         if f.init:
             assert f"--{f.name} (default: " in text, f.name
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--aggregation_method", "fcmo"], "unknown aggregation method 'fcmo'; available: fcmoe, fedavg"),
+        (["--learning_rate", "-0.01"], "learning_rate must be > 0, got -0.01"),
+        (["--aggregation_options", "{kapa: 1}"], "unknown option(s) for method 'fcmoe': ['kapa']"),
+        (["--lora_targets", "[router]"], "lora_targets must include 'experts'"),
+        (["--partition", "dirichlett"], "unknown partition 'dirichlett'"),
+        (["--model_name_or_path", "tiny:mixtrall"], "unknown tiny model type 'mixtrall'"),
+    ],
+)
+def test_bad_settings_fail_before_the_run_writes_anything(tmp_path, capsys, override, message):
+    out = tmp_path / "run"
+    assert main(["simulate", "--config", "recipes/tiny/fcmoe.yaml", "--output_dir", str(out), *override]) == 2
+    assert message in _error_line(capsys)
+    assert not out.exists()  # no base_model/, config.yaml, state.json or metrics left behind

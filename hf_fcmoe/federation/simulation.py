@@ -197,10 +197,11 @@ class FederatedSimulation:
 
     # --- the loop
     def run(self, on_round_end: Callable[[int, dict], None] | None = None) -> SimulationResult:
-        last, global_state = self._restore() if self.resume else self._start()
         client_ids = self.data.client_ids
+        # tokenization can still refuse the data (e.g. every row truncated away): before the run writes anything
         for cid in tqdm(client_ids, desc="preparing client data", leave=False, disable=self.quiet):
             self.splits[cid] = self.worker.prepare(self.data.train[cid], self.data.eval[cid])
+        last, global_state = self._restore() if self.resume else self._start()
         # Trainer.train() ends every local round with accelerate's free_memory(), a full gc.collect(); with the
         # model, datasets and tokenizer in memory that walk took ~0.16 s per client round (a quarter of a tiny
         # run). Objects alive now live for the whole run: freeze them out of the collector's generations.
