@@ -32,13 +32,33 @@ def parse_overrides(tokens: Sequence[str]) -> dict:
     return overrides
 
 
+def _launched_rank() -> int:
+    """This process's rank under `accelerate launch` / torchrun (read from the launcher's environment), else 0."""
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+
+
+def _accelerate_launch(args: argparse.Namespace) -> int:
+    """Re-run this command under `accelerate launch --config_file ...` (the settings were checked here first)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config]
+    command += ["-m", "hf_fcmoe.cli", "simulate", "--config", args.config, *(["--resume"] if args.resume else [])]
+    return subprocess.run([*command, *args.raw_overrides]).returncode
+
+
 def _simulate(args: argparse.Namespace, overrides: dict) -> int:
+    from hf_fcmoe.config import load_config
+    from hf_fcmoe.federation.simulation import check_output_dir, run_simulation
+
+    # every setting and the output folder are checked before any process group exists
+    config = load_config(args.config, overrides)
+    check_output_dir(config, args.resume)
+    if args.accelerate_config:
+        return _accelerate_launch(args)
     from accelerate import PartialState
 
-    from hf_fcmoe.config import load_config
-    from hf_fcmoe.federation.simulation import run_simulation
-
-    config = load_config(args.config, overrides)
     result = run_simulation(config, resume=args.resume)
     if not PartialState().is_main_process:
         return 0
@@ -152,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = _sub(sub, "simulate", "run a federated fine-tuning in this process", _run_fields_help)
     simulate.add_argument("--config", required=True, help="recipe YAML (FederatedMoEConfig fields)")
     simulate.add_argument("--resume", action="store_true", help="continue the run in output_dir")
+    simulate.add_argument(
+        "--accelerate_config",
+        default=None,
+        help="check the settings here, then run under `accelerate launch --config_file FILE` (several processes)",
+    )
     simulate.set_defaults(handler=_simulate)
     partition = _sub(sub, "partition", "print per-client label counts and save a stacked-bar plot", _run_fields_help)
     partition.add_argument("--config", required=True, help="recipe YAML (its data fields are used)")
@@ -182,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args, parse_overrides(rest))
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as error:
-        print(f"hf-fcmoe {args.command}: error: {error}", file=sys.stderr)
+        if _launched_rank() == 0:  # under accelerate launch every process fails the same way: say it once
+            print(f"hf-fcmoe {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

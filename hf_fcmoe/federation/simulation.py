@@ -63,6 +63,25 @@ def sample_clients(client_ids: list[str], per_round: int, seed: int, round_index
     return [client_ids[i] for i in sorted(chosen.tolist())]
 
 
+def check_output_dir(config: FederatedMoEConfig, resume: bool) -> None:
+    """Whether output_dir may be written (fresh, --resume of the same config, or --overwrite_output_dir).
+
+    Needs no process group: `hf-fcmoe` checks it before `accelerate launch` starts any process.
+    """
+    run_dir = RunDirectory(config.output_dir)
+    root = run_dir.root
+    if resume:
+        if not run_dir.has_completed_rounds():
+            raise FileNotFoundError(f"--resume: no completed round to resume from in {root}")
+        changed = config_changes(root / "config.yaml", config)
+        if changed:
+            raise ValueError(f"--resume: config differs from the run being resumed in {changed}")
+    elif run_dir.has_completed_rounds() and not config.overwrite_output_dir:
+        raise FileExistsError(
+            f"{root} already holds a run; pass --resume to continue it or --overwrite_output_dir true"
+        )
+
+
 def build_hub(config: FederatedMoEConfig, layout: ExpertLayout) -> AggregationHub:
     options = dict(config.aggregation_options)
     if config.aggregation_method == "fcmoe":
@@ -120,17 +139,7 @@ class FederatedSimulation:
         self.residuals: dict[str, State] = {}
 
     def _check_output_dir(self) -> None:
-        root = self.run_dir.root
-        if self.resume:
-            if not self.run_dir.has_completed_rounds():
-                raise FileNotFoundError(f"--resume: no completed round to resume from in {root}")
-            changed = config_changes(root / "config.yaml", self.config)
-            if changed:
-                raise ValueError(f"--resume: config differs from the run being resumed in {changed}")
-        elif self.run_dir.has_completed_rounds() and not self.config.overwrite_output_dir:
-            raise FileExistsError(
-                f"{root} already holds a run; pass --resume to continue it or --overwrite_output_dir true"
-            )
+        check_output_dir(self.config, self.resume)
 
     def _on_main_process(self, write: Callable[[], object]) -> None:
         """Run `write` on the main process only, then let every process continue together."""
