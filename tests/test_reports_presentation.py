@@ -87,7 +87,7 @@ def test_personalization_note(rows, expected):
     assert expected in personalization_note(rows)
 
 
-def _bench_report(tmp_path: Path, partition: str, seeds: list[int]) -> str:
+def _bench_report(tmp_path: Path, partition: str, seeds: list[int], truncated: int = 0) -> str:
     from hf_fcmoe.bench.config import BenchConfig
     from hf_fcmoe.bench.report import write_bench_report
     from hf_fcmoe.config import load_config
@@ -101,6 +101,9 @@ def _bench_report(tmp_path: Path, partition: str, seeds: list[int]) -> str:
     for seed in seeds:
         results[("fedavg@1", 1.0, seed)] = _rows("fedavg")
         results[("fcmoe", 1.0, seed)] = _rows("fcmoe", conflicts=1, personal_gap=0.01 * (seed + 1))
+        for rows in (results[("fedavg@1", 1.0, seed)], results[("fcmoe", 1.0, seed)]):
+            for row in rows:
+                row.update({"truncated_prompts": truncated} if truncated else {})
     return write_bench_report(bench, config, results, {}, {}, 1.0).read_text()
 
 
@@ -114,3 +117,9 @@ def test_bench_over_a_natural_partition_describes_it(tmp_path):
     report = _bench_report(tmp_path, "natural", [0])
     assert "Dirichlet" not in report and "alpha = 1" not in report
     assert "natural partition (one value of `label` per client)" in report
+
+
+def test_bench_report_states_when_prompts_were_shortened(tmp_path):
+    assert "Prompts shortened" not in _bench_report(tmp_path, "dirichlet", [0])
+    report = _bench_report(tmp_path / "cut", "dirichlet", [0], truncated=7)
+    assert "**Prompts shortened**" in report and "up to 7 rows per run, in 2 of 2 runs" in report

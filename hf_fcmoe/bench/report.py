@@ -163,6 +163,18 @@ def _routing_table(routing: dict) -> str:
     return "\n".join(lines)
 
 
+def _truncation_note(config: FederatedMoEConfig, results: Results) -> list[str]:
+    """A sentence when classification prompts had to be shortened to fit max_length (else nothing)."""
+    counts = [max((row.get("truncated_prompts", 0) for row in rows), default=0) for rows in results.values()]
+    if not any(counts):
+        return []
+    return [
+        f"**Prompts shortened**: classification prompts longer than max_length={config.max_length} had their input "
+        f"text cut so the label word stays in (up to {max(counts)} rows per run, in {sum(c > 0 for c in counts)} of "
+        f"{len(counts)} runs); raise max_length to train on the full texts."
+    ]
+
+
 def write_bench_report(
     bench: BenchConfig,
     config: FederatedMoEConfig,
@@ -203,6 +215,7 @@ def write_bench_report(
         "many seeds it won. Rounds to "
         "target: first round whose global metric reaches the tuned FedAvg's mean final value (median over seeds). "
         "AUC: mean global metric over rounds 1..R. MB sent: adapter bytes up + down over the run.",
+        *_truncation_note(config, results),
         "## Routing specialisation of the base",
         "Per-domain expert usage (top-k routed tokens per layer), normalised entropy and Jensen-Shannon divergence "
         "between domains, averaged over layers.",

@@ -18,6 +18,7 @@ from trl import SFTTrainer
 
 from hf_fcmoe.aggregation.types import ClientUpdate, State
 from hf_fcmoe.config import FederatedMoEConfig
+from hf_fcmoe.data.formatting import DEFAULT_TEMPLATE, fit_prompts_to_length
 from hf_fcmoe.metrics.loss import eval_loss
 from hf_fcmoe.training.trainer import FederatedMoETrainer, load_adapter_state
 
@@ -44,6 +45,7 @@ class ClientWorker:
         self.config = config
         self._scratch = tempfile.TemporaryDirectory(prefix="hf_fcmoe_local_")
         self.collator = None
+        self.truncated_prompts = 0  # classification rows whose input text was shortened to fit max_length
 
     def local_args(self, seed: int, prepared: bool = True) -> FederatedMoEConfig:
         """A copy of the run config set up for one local round (no checkpoints, no per-step printing).
@@ -61,6 +63,11 @@ class ClientWorker:
 
     def prepare(self, train: Dataset, eval: Dataset) -> PreparedSplits:
         """Tokenize a client's splits with SFTTrainer's own preparation (text, prompt/completion or messages)."""
+        if self.config.task == "classification":  # long prompts: cut the input text, never the label
+            template = self.config.prompt_template or DEFAULT_TEMPLATE
+            train, cut_train = fit_prompts_to_length(train, self.tokenizer, self.config.max_length, template)
+            eval, cut_eval = fit_prompts_to_length(eval, self.tokenizer, self.config.max_length, template)
+            self.truncated_prompts += cut_train + cut_eval
         datasets.disable_progress_bars()
         try:
             trainer = SFTTrainer(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from hf_fcmoe.models.families import get_family
 from hf_fcmoe.models.loading import is_tiny, load_base_model, save_base_model
 from hf_fcmoe.training.trainer import adapter_state
 
+logger = logging.getLogger(__name__)
 RESUME_IGNORED_KEYS = {"output_dir", "num_rounds", "overwrite_output_dir"}
 
 
@@ -210,6 +212,12 @@ class FederatedSimulation:
         # tokenization can still refuse the data (e.g. every row truncated away): before the run writes anything
         for cid in tqdm(client_ids, desc="preparing client data", leave=False, disable=self.quiet):
             self.splits[cid] = self.worker.prepare(self.data.train[cid], self.data.eval[cid])
+        if self.worker.truncated_prompts and self.process.is_main_process:
+            logger.warning(
+                f"{self.worker.truncated_prompts} classification prompts were longer than max_length="
+                f"{self.config.max_length}: their input text was shortened so the label stays in (raise max_length "
+                "to keep all of it)"
+            )
         last, global_state = self._restore() if self.resume else self._start()
         # Trainer.train() ends every local round with accelerate's free_memory(), a full gc.collect(); with the
         # model, datasets and tokenizer in memory that walk took ~0.16 s per client round (a quarter of a tiny
@@ -284,6 +292,8 @@ class FederatedSimulation:
             seconds=round(seconds, 3),
             failed=result.failed,
         )
+        if self.worker.truncated_prompts:
+            row["truncated_prompts"] = self.worker.truncated_prompts
         diagnostics = result.diagnostics or {}
         for key in ("conflict_rate", "conflict_rate_per_layer", "conflicts", "rejected"):
             if key in diagnostics:
