@@ -9,7 +9,7 @@ VENV=${1:-.venv}
 {
   echo "# Exact versions CI passed with; regenerate with: bash scripts/lock.sh [venv]"
   echo "# Installed by scripts/setup_env.sh as pip -c constraints.txt; HF_FCMOE_LATEST=1 skips it."
-  "$VENV/bin/python" -m pip freeze --exclude-editable \
+  "$VENV/bin/python" -m pip freeze --exclude-editable --all \
     | grep -viE '^(torch|triton|nvidia-[a-z0-9_-]+|hf[-_]fcmoe|pip|setuptools|wheel)(==| @)' \
     | LC_ALL=C sort -f
 } > constraints.txt

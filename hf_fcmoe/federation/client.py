@@ -59,6 +59,7 @@ class ClientWorker:
         args.save_strategy = "no"
         args.disable_tqdm = True
         args.push_to_hub = False
+        args.report_to = "none"  # the federation logs its curves once per round (reporting/trackers.py)
         return args
 
     def prepare(self, train: Dataset, eval: Dataset) -> PreparedSplits:

@@ -34,6 +34,7 @@ from hf_fcmoe.federation.round_metrics import evaluate_round, state_nbytes
 from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights, save_adapter_folder
 from hf_fcmoe.models.families import get_family
 from hf_fcmoe.models.loading import is_tiny, load_base_model, save_base_model
+from hf_fcmoe.reporting.trackers import FederationTracker
 from hf_fcmoe.training.trainer import adapter_state
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class FederatedSimulation:
         self.worker = ClientWorker(self.model, self.tokenizer, config)
         self.splits: dict[str, PreparedSplits] = {}
         self.residuals: dict[str, State] = {}
+        self.tracker = FederationTracker(config, is_main_process=self.process.is_main_process)
 
     def _check_output_dir(self) -> None:
         check_output_dir(self.config, self.resume)
@@ -302,6 +304,7 @@ class FederatedSimulation:
 
     def _checkpoint(self, round_index: int, global_state: State, updates: list[ClientUpdate], row: dict) -> None:
         self._on_main_process(lambda: self._write_round(round_index, global_state, updates, row))
+        self.tracker.log_round(row)  # report_to: the federation's curves, one tracker run per federation
 
     def _write_round(self, round_index: int, global_state: State, updates: list[ClientUpdate], row: dict) -> None:
         """Stage the round's files, rename them into place, then record metrics and the resume point."""
@@ -343,6 +346,7 @@ class FederatedSimulation:
             write_run_report(root, metrics, self.data.label_counts)
 
         self._on_main_process(write_final)
+        self.tracker.finish()
         return SimulationResult(root, root / "global", personalized_dirs, root / "report.md", metrics)
 
 
