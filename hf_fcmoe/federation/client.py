@@ -7,7 +7,9 @@ states swapped in and out); a Flower ClientApp builds one per message. Both go t
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 
 import datasets
@@ -43,7 +45,10 @@ class ClientWorker:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self._scratch = tempfile.TemporaryDirectory(prefix="hf_fcmoe_local_")
+        # Trainer's output_dir of the local rounds (nothing is saved there); removed with the worker, without the
+        # ResourceWarning an unclosed TemporaryDirectory raises at exit
+        self._scratch = tempfile.mkdtemp(prefix="hf_fcmoe_local_")
+        weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
         self.collator = None
         self.truncated_prompts = 0  # classification rows whose input text was shortened to fit max_length
 
@@ -54,7 +59,7 @@ class ClientWorker:
         """
         args = copy.copy(self.config)
         args.dataset_kwargs = {**(self.config.dataset_kwargs or {}), "skip_prepare_dataset": prepared}
-        args.output_dir = self._scratch.name
+        args.output_dir = self._scratch
         args.seed = seed
         args.save_strategy = "no"
         args.disable_tqdm = True
