@@ -58,6 +58,17 @@ def test_unreachable_hub_model_fails_fast_in_one_line(monkeypatch):
         loading.load_base_model("someone/moe")
 
 
+def test_unreachable_upcycle_source_fails_fast(monkeypatch):
+    from hf_fcmoe.data import sources
+    from hf_fcmoe.models import loading
+    from hf_fcmoe.models.upcycle import load_dense
+
+    monkeypatch.setattr(loading, "_offline", lambda: False)
+    monkeypatch.setattr(sources, "hub_reachable", lambda timeout=0: False)
+    with pytest.raises(ConnectionError, match="cannot load model 'someone/llama' from the Hub: no connection"):
+        load_dense("someone/llama")
+
+
 def test_uncached_hub_model_in_offline_mode_is_one_line():
     from hf_fcmoe.models.loading import load_base_model
 
