@@ -32,13 +32,33 @@ def parse_overrides(tokens: Sequence[str]) -> dict:
     return overrides
 
 
+def _launched_rank() -> int:
+    """This process's rank under `accelerate launch` / torchrun (read from the launcher's environment), else 0."""
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+
+
+def _accelerate_launch(args: argparse.Namespace) -> int:
+    """Re-run this command under `accelerate launch --config_file ...` (the settings were checked here first)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config]
+    command += ["-m", "hf_fcmoe.cli", "simulate", "--config", args.config, *(["--resume"] if args.resume else [])]
+    return subprocess.run([*command, *args.raw_overrides]).returncode
+
+
 def _simulate(args: argparse.Namespace, overrides: dict) -> int:
+    from hf_fcmoe.config import load_config
+    from hf_fcmoe.federation.simulation import check_output_dir, run_simulation
+
+    # every setting and the output folder are checked before any process group exists
+    config = load_config(args.config, overrides)
+    check_output_dir(config, args.resume)
+    if args.accelerate_config:
+        return _accelerate_launch(args)
     from accelerate import PartialState
 
-    from hf_fcmoe.config import load_config
-    from hf_fcmoe.federation.simulation import run_simulation
-
-    config = load_config(args.config, overrides)
     result = run_simulation(config, resume=args.resume)
     if not PartialState().is_main_process:
         return 0
@@ -100,24 +120,80 @@ def _upcycle(args: argparse.Namespace, overrides: dict) -> int:
     return 0
 
 
+def _run_fields_help() -> str:
+    from trl import SFTConfig
+
+    from hf_fcmoe.config import FederatedMoEConfig
+    from hf_fcmoe.config_fields import fields_help
+
+    title = "local training (TrainingArguments / SFTConfig fields: each client's local round)"
+    return fields_help(FederatedMoEConfig, inherited_from=SFTConfig, inherited_title=title)
+
+
+def _bench_fields_help() -> str:
+    from hf_fcmoe.bench.config import BenchConfig
+    from hf_fcmoe.config_fields import fields_help
+
+    runs = "--run.<field> sets one FederatedMoEConfig field of every run (see simulate --help)."
+    return f"{fields_help(BenchConfig)}\n\n{runs}"
+
+
+def _upcycle_fields_help() -> str:
+    from hf_fcmoe.config_fields import fields_help
+    from hf_fcmoe.models.upcycle import UpcycleConfig
+
+    return fields_help(UpcycleConfig)
+
+
+class _FieldsHelpAction(argparse.Action):
+    """`-h/--help` of a sub-command: its own options, then every config field (imported only when asked)."""
+
+    def __init__(self, option_strings, dest, fields_text=None, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.fields_text = fields_text
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        print("\nEvery field below is a recipe key and a --key value option (the command line wins):\n")
+        print(self.fields_text())
+        parser.exit()
+
+
+def _sub(sub, name: str, help: str, fields_text=None) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help, description=help, add_help=fields_text is None)
+    if fields_text is not None:
+        parser.add_argument("-h", "--help", action=_FieldsHelpAction, fields_text=fields_text, help="show every field")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-fcmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    simulate = sub.add_parser("simulate", help="run a federated fine-tuning in this process")
+    simulate = _sub(sub, "simulate", "run a federated fine-tuning in this process", _run_fields_help)
     simulate.add_argument("--config", required=True, help="recipe YAML (FederatedMoEConfig fields)")
     simulate.add_argument("--resume", action="store_true", help="continue the run in output_dir")
+    simulate.add_argument(
+        "--accelerate_config",
+        default=None,
+        help="check the settings here, then run under `accelerate launch --config_file FILE` (several processes)",
+    )
     simulate.set_defaults(handler=_simulate)
-    partition = sub.add_parser("partition", help="print per-client label counts and save a stacked-bar plot")
+    partition = _sub(sub, "partition", "print per-client label counts and save a stacked-bar plot", _run_fields_help)
     partition.add_argument("--config", required=True, help="recipe YAML (its data fields are used)")
     partition.set_defaults(handler=_partition)
-    bench = sub.add_parser("bench", help="run a benchmark grid (methods x alphas x seeds) and write report.md")
+    bench = _sub(
+        sub, "bench", "run a benchmark grid (methods x alphas x seeds) and write report.md", _bench_fields_help
+    )
     bench.add_argument("--config", required=True, help="bench YAML (BenchConfig fields; --run.<field> reaches runs)")
     bench.set_defaults(handler=_bench)
-    pretrain = sub.add_parser("pretrain", help="pretrain (or reuse) the tiny MoE base of a bench YAML")
+    pretrain = _sub(sub, "pretrain", "pretrain (or reuse) the tiny MoE base of a bench YAML", _bench_fields_help)
     pretrain.add_argument("--config", required=True, help="bench YAML with a 'pretrain' section")
     pretrain.set_defaults(handler=_pretrain)
-    upcycle = sub.add_parser(
-        "upcycle", help="turn a dense Llama (default: SmolLM2 GGUF) into an MoE folder (--key value: UpcycleConfig)"
+    upcycle = _sub(
+        sub,
+        "upcycle",
+        "turn a dense Llama (default: SmolLM2 GGUF) into an MoE folder (--key value: UpcycleConfig)",
+        _upcycle_fields_help,
     )
     upcycle.add_argument("--config", default=None, help="optional YAML of UpcycleConfig fields")
     upcycle.set_defaults(handler=_upcycle)
@@ -131,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args, parse_overrides(rest))
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as error:
-        print(f"hf-fcmoe {args.command}: error: {error}", file=sys.stderr)
+        if _launched_rank() == 0:  # under accelerate launch every process fails the same way: say it once
+            print(f"hf-fcmoe {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -20,6 +20,9 @@ from transformers import HfArgumentParser
 from trl import SFTConfig
 
 from hf_fcmoe.adapters.lora import TARGET_CHOICES
+from hf_fcmoe.aggregation.options import METHODS
+from hf_fcmoe.config_checks import check_run_settings
+from hf_fcmoe.config_fields import check_known_keys, check_value_types, read_yaml_mapping
 from hf_fcmoe.data.federated import DataSpec
 
 T = TypeVar("T")
@@ -86,10 +89,13 @@ class FederatedMoEConfig(SFTConfig):
     num_rounds: int = field(default=3, metadata={"help": "Federated rounds."})
     engine: str = field(default="simulation", metadata={"help": "Federation engine: simulation (in-process)."})
     # --- aggregation
-    aggregation_method: str = field(default="fedavg", metadata={"help": "Aggregation method of the hub."})
+    aggregation_method: str = field(
+        default="fedavg", metadata={"help": f"Aggregation method of the hub: one of {', '.join(METHODS)}."}
+    )
     server_lr: float = field(default=1.0, metadata={"help": "Server step eta applied to the aggregate (all methods)."})
     aggregation_options: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "Extra keyword options of the aggregation method."}
+        default_factory=dict,
+        metadata={"help": "Extra keyword options of the aggregation method (see AggregationHub; unknown ones fail)."},
     )
     retention_lambda: float = field(
         default=0.5, metadata={"help": "FC-MoE local knowledge retention: weight of the kept residual."}
@@ -122,6 +128,10 @@ class FederatedMoEConfig(SFTConfig):
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for; torch warns on every local round otherwise
         self.report_to = self.report_to if self.report_to not in (None, "all") else "none"
+        if self.ddp_find_unused_parameters is None:
+            # PEFT's ParamWrapper computes every expert's delta on every forward, so every LoRA tensor gets a
+            # gradient; transformers' default for a PeftModel (True) only costs a graph walk and a DDP warning
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
         self._validate_federation()
 
@@ -138,6 +148,7 @@ class FederatedMoEConfig(SFTConfig):
             raise ValueError(f"unknown engine {self.engine!r}; available: simulation, flower")
         if self.retention_lambda < 0:
             raise ValueError(f"retention_lambda must be >= 0, got {self.retention_lambda}")
+        check_run_settings(self)  # every other value, before a run writes anything (config_checks.py)
 
     @property
     def sampled_per_round(self) -> int:
@@ -169,7 +180,11 @@ _DERIVED_FIELDS = {"logging_dir", "hub_token", "local_rank"}
 
 def parse_override_value(text: str) -> Any:
     """`--key value` on the command line: the value is read as YAML (numbers, booleans, lists)."""
-    return _as_number(yaml.safe_load(text))
+    try:
+        return _as_number(yaml.safe_load(text))
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ValueError(f"command-line value {text!r} is not valid YAML ({problem}); quote it") from None
 
 
 def _as_number(value: Any) -> Any:
@@ -187,20 +202,28 @@ def _coerce_floats(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return {key: _as_number(value) if key in float_fields else value for key, value in values.items()}
 
 
-def load_yaml_dataclass(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Build dataclass `cls` from a YAML mapping plus overrides; unknown keys raise a ValueError naming them."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"recipe {path} must be a YAML mapping of {cls.__name__} fields")
-    values.update(overrides or {})
-    known = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        where = f"recipe {path}" if path else "overrides"
-        raise ValueError(f"unknown key(s) in {where}: {unknown}")
-    (config,) = HfArgumentParser(cls).parse_dict(_coerce_floats(cls, values), allow_extra_keys=False)
+def load_yaml_dataclass(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    override_prefix: str = "--",
+) -> T:
+    """Build dataclass `cls` from a YAML mapping plus overrides (command-line ``--key value``).
+
+    A bad recipe is one ValueError line: YAML syntax (with line and column), an unknown key (where it came from
+    and the closest field name), or a value of the wrong type (``--num_rounds abc``).
+    """
+    values = read_yaml_mapping(path, cls.__name__) if path is not None else {}
+    check_known_keys(cls, values, f"recipe {path}")
+    overrides = dict(overrides or {})
+    check_known_keys(cls, overrides, "the command line", prefix=override_prefix)
+    where = {key: f"recipe {path}" for key in values}
+    where.update({key: f"command line {override_prefix}{key}" for key in overrides})
+    values.update(overrides)
+    values = _coerce_floats(cls, values)
+    check_value_types(cls, values, where)
+    (config,) = HfArgumentParser(cls).parse_dict(values, allow_extra_keys=False)
     return config
 
 

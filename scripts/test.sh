@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command of the README: environment from scratch, lint, then the default (fast) test run.
+# The test command of the README: environment (set up once; later calls skip it), lint, then the default
+# (fast) test run. HF_FCMOE_LATEST=1 bash scripts/test.sh: the same on the newest versions pyproject allows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh

@@ -39,7 +39,7 @@ def test_simulate_prints_where_adapters_are(tmp_path, capsys):
 def test_unknown_key_is_a_clear_error(capsys):
     code = main(["simulate", "--config", "recipes/tiny/fedavg.yaml", "--num_round", "2"])
     assert code == 2
-    assert "unknown key(s) in recipe recipes/tiny/fedavg.yaml: ['num_round']" in capsys.readouterr().err
+    assert "unknown key --num_round in the command line; did you mean --num_rounds?" in capsys.readouterr().err
 
 
 def test_partition_prints_counts_and_saves_plot(tmp_path, capsys):

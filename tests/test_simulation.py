@@ -141,7 +141,7 @@ def test_unknown_recipe_key_is_named(tmp_path):
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("output_dir: x\nnum_round: 3\n")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) in recipe .*\['num_round'\]"):
+    with pytest.raises(ValueError, match=r"unknown key num_round in recipe .*; did you mean num_rounds\?"):
         load_config(recipe)
 
 

@@ -109,7 +109,7 @@ def test_proximal_term_is_distance_to_round_start(tmp_path):
         train_dataset=synthetic_domains(16),
         processing_class=tokenizer,
     )
-    assert float(trainer.proximal_term(peft_model)) == 0.0
+    assert float(trainer.proximal_term(peft_model).detach()) == 0.0
     with torch.no_grad():
         param = next(p for n, p in peft_model.named_parameters() if p.requires_grad)
         param.add_(1.0)

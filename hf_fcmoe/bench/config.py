@@ -106,8 +106,18 @@ def _apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[
 
 
 def load_bench_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> BenchConfig:
-    """Read a bench YAML; ``overrides`` may use dotted keys (``run.num_rounds``, ``pretrain.max_steps``)."""
-    import yaml
+    """Read a bench YAML; ``overrides`` may use dotted keys (``run.num_rounds``, ``pretrain.max_steps``).
 
-    values = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
-    return load_yaml_dataclass(BenchConfig, None, _apply_overrides(values, overrides or {}))
+    Unknown keys fail with where they came from and the closest field, the ``run`` fields included.
+    """
+    from hf_fcmoe.config import FederatedMoEConfig
+    from hf_fcmoe.config_fields import check_known_keys, read_yaml_mapping
+
+    values = read_yaml_mapping(path, "BenchConfig") if path else {}
+    overrides = overrides or {}
+    check_known_keys(BenchConfig, values, f"recipe {path}")
+    check_known_keys(FederatedMoEConfig, values.get("run") or {}, f"recipe {path} (run:)", prefix="run.")
+    check_known_keys(BenchConfig, {key.partition(".")[0] for key in overrides}, "the command line", prefix="--")
+    run_keys = [key.partition(".")[2] for key in overrides if key.startswith("run.")]
+    check_known_keys(FederatedMoEConfig, run_keys, "the command line", prefix="--run.")
+    return load_yaml_dataclass(BenchConfig, None, _apply_overrides(values, overrides))

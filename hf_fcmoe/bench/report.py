@@ -31,8 +31,27 @@ def _f(value: float | None, digits: int = 4) -> str:
 
 
 def _pm(values: list[float], digits: int = 4) -> str:
+    """Mean ± sd over seeds; one seed has no spread, so only its value is shown."""
     mean, std = mean_std(values)
-    return f"{_f(mean, digits)} ± {_f(std, digits)}"
+    return f"{_f(mean, digits)} ± {_f(std, digits)}" if len(values) > 1 else _f(mean, digits)
+
+
+def partition_text(config: FederatedMoEConfig) -> str:
+    """What the partition of the runs was, in words (the alpha grid only means something for Dirichlet skews)."""
+    column = config.partition_column or config.label_column
+    return {
+        "dirichlet": f"Dirichlet label skew over `{column}`",
+        "natural": f"natural partition (one value of `{column}` per client)",
+        "iid": "IID partition (uniformly random)",
+        "quantity": "quantity skew (Dirichlet client sizes, labels IID)",
+        "shards": f"label shards ({config.shards_per_client} values of `{column}` per client)",
+    }.get(config.partition, f"`{config.partition}` partition")
+
+
+def section_title(config: FederatedMoEConfig, alpha: float) -> str:
+    if config.partition in ("dirichlet", "quantity"):
+        return f"{'Dirichlet' if config.partition == 'dirichlet' else 'Quantity-skew'} alpha = {alpha:g}"
+    return f"{partition_text(config)[0].upper()}{partition_text(config)[1:]} (dirichlet_alpha {alpha:g} is unused)"
 
 
 def _rounds_cell(values: list[int | None]) -> str:
@@ -45,8 +64,9 @@ def _rounds_cell(values: list[int | None]) -> str:
 class AlphaSection:
     """Summaries of every method at one alpha, with the tuned FedAvg chosen and the target set."""
 
-    def __init__(self, bench: BenchConfig, results: Results, alpha: float, metric: Metric):
+    def __init__(self, bench: BenchConfig, results: Results, alpha: float, metric: Metric, label: str | None = None):
         self.alpha, self.metric = alpha, metric
+        self.label = label or f"alpha={alpha:g}"
         methods = list(bench.method_overrides())
         raw = {m: {s: results[(m, alpha, s)] for s in bench.seeds if (m, alpha, s) in results} for m in methods}
         finals = {m: [summarize_run(rows, metric).final_global for rows in raw[m].values()] for m in methods}
@@ -88,7 +108,8 @@ class AlphaSection:
         if method == self.reference:
             return "reference"
         diff = paired_difference(self.values(method, attribute), self.values(self.reference, attribute), self.metric)
-        return f"{diff.mean:+.4f} ± {diff.std:.4f} ({diff.wins}/{diff.seeds})"
+        spread = f" ± {diff.std:.4f}" if diff.seeds > 1 else ""
+        return f"{diff.mean:+.4f}{spread} ({diff.wins}/{diff.seeds})"
 
     def _mean_curve(self, method: str, attribute: str) -> list[float]:
         curves = [getattr(s, attribute) for s in self.summaries[method].values()]
@@ -119,7 +140,7 @@ class AlphaSection:
         for row, zoom in enumerate(("", ", second half, zoomed")):
             for column, title in enumerate(("global (union eval)", "personalized (mean over clients)")):
                 ax = axes[row, column]
-                ax.set_title(f"alpha={self.alpha:g}: {title}{zoom}", fontsize=10)
+                ax.set_title(f"{self.label}: {title}{zoom}", fontsize=10)
                 ax.set_xlabel("round")
                 ax.grid(alpha=0.3)
             axes[row, 0].set_ylabel(self.metric.global_key.replace("global_", ""))
@@ -140,6 +161,18 @@ def _routing_table(routing: dict) -> str:
             f"| {name} | {_f(summary['mean_entropy'], 3)} | {_f(summary['js_mean'], 3)} | {_f(summary['js_max'], 3)} |"
         )
     return "\n".join(lines)
+
+
+def _truncation_note(config: FederatedMoEConfig, results: Results) -> list[str]:
+    """A sentence when classification prompts had to be shortened to fit max_length (else nothing)."""
+    counts = [max((row.get("truncated_prompts", 0) for row in rows), default=0) for rows in results.values()]
+    if not any(counts):
+        return []
+    return [
+        f"**Prompts shortened**: classification prompts longer than max_length={config.max_length} had their input "
+        f"text cut so the label word stays in (up to {max(counts)} rows per run, in {sum(c > 0 for c in counts)} of "
+        f"{len(counts)} runs); raise max_length to train on the full texts."
+    ]
 
 
 def write_bench_report(
@@ -169,7 +202,7 @@ def write_bench_report(
         "already finished under the same config are read back, not retrained).",
         f"Base `{config.model_name_or_path}`; data `{config.dataset_name}`"
         + (f" ({config.dataset_config})" if config.dataset_config else "")
-        + f", {config.num_clients} clients ({config.sampled_per_round} per round), Dirichlet label skew; "
+        + f", {config.num_clients} clients ({config.sampled_per_round} per round), {partition_text(config)}; "
         f"{config.num_rounds} rounds x {steps} of batch {config.per_device_train_batch_size}, "
         f"lr {config.learning_rate}; LoRA r={config.lora_r} on {', '.join(config.lora_targets)}. "
         f"Seeds {bench.seeds}: a seed fixes the partition, the adapter initialisation and client sampling, "
@@ -178,9 +211,11 @@ def write_bench_report(
         "client eval splits, "
         f"and `{metric.local_key}` of each client's personalized adapter on its own split (mean over clients; "
         "methods without personalization use the global adapter). Paired gain = per-seed difference to the tuned "
-        "FedAvg, positive when the method is better, mean ± sd over seeds and on how many seeds it won. Rounds to "
+        "FedAvg, positive when the method is better, mean ± sd over seeds (sd only with several seeds) and on how "
+        "many seeds it won. Rounds to "
         "target: first round whose global metric reaches the tuned FedAvg's mean final value (median over seeds). "
         "AUC: mean global metric over rounds 1..R. MB sent: adapter bytes up + down over the run.",
+        *_truncation_note(config, results),
         "## Routing specialisation of the base",
         "Per-domain expert usage (top-k routed tokens per layer), normalised entropy and Jensen-Shannon divergence "
         "between domains, averaged over layers.",
@@ -188,7 +223,8 @@ def write_bench_report(
     ]
     plots = root / "plots"
     for alpha in bench.alphas:
-        section = AlphaSection(bench, results, alpha, metric)
+        label = f"alpha={alpha:g}" if config.partition in ("dirichlet", "quantity") else config.partition
+        section = AlphaSection(bench, results, alpha, metric, label)
         tag = f"alpha_{alpha:g}"
         section.plot_curves(plots / f"curves_{tag}.png")
         grid = ", ".join(
@@ -197,16 +233,14 @@ def write_bench_report(
             if m.startswith(FEDAVG_GRID_PREFIX)
         )
         sections += [
-            f"## Dirichlet alpha = {alpha:g}",
+            f"## {section_title(config, alpha)}",
             f"Tuned FedAvg: `{section.reference}` (server step grid, final global metric: {grid}). "
             f"Target: {_f(section.target)}.",
             section.table(),
             f"![curves](plots/curves_{tag}.png)",
         ]
         if alpha in partitions:
-            plot_partition(
-                partitions[alpha], plots / f"partition_{tag}.png", title=f"alpha={alpha:g}, seed {bench.seeds[0]}"
-            )
+            plot_partition(partitions[alpha], plots / f"partition_{tag}.png", title=f"{label}, seed {bench.seeds[0]}")
             share = mean_max_label_share(partitions[alpha])
             sections.append(f"Partition (seed {bench.seeds[0]}): mean share of a client's top label {share:.2f}.")
             sections.append(f"![partition](plots/partition_{tag}.png)")

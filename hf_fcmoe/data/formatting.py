@@ -124,3 +124,57 @@ def to_training_format(
         sources["label"] = label_column
     dataset = dataset.select_columns(list(dict.fromkeys(sources.values())))
     return dataset.rename_columns({old: new for new, old in sources.items() if old != new})
+
+
+def _fill_template(template: str, labels: str) -> tuple[str, str]:
+    """The template's text before and after ``{text}`` (with the label list filled in)."""
+    marker = "\x00TEXT\x00"
+    head, _, tail = template.format(text=marker, labels=labels).partition(marker)
+    return head, tail
+
+
+def fit_prompts_to_length(
+    dataset: Dataset, tokenizer, max_length: int | None, template: str = DEFAULT_TEMPLATE
+) -> tuple[Dataset, int]:
+    """Shorten the input text of classification prompts that would not fit `max_length` with their label.
+
+    SFTTrainer truncates prompt + completion from the end, so an over-long prompt loses its label word (the
+    completion): the row trains on nothing while the eval loss still moves. Here the text inside the prompt is
+    cut (by tokens, keeping the instruction and the trailing "Label:"), never the label. Returns the dataset and
+    how many rows were shortened.
+    """
+    if max_length is None or "prompt" not in dataset.column_names or "label" not in dataset.column_names:
+        return dataset, 0
+    feature = dataset.features["label"]
+    if not isinstance(feature, ClassLabel):
+        return dataset, 0
+    head, tail = _fill_template(template, ", ".join(feature.names))
+    eos = tokenizer.eos_token or ""
+
+    def length(prompt: str, completion: str) -> int:
+        return len(tokenizer(prompt + completion + eos)["input_ids"])
+
+    shortened = 0
+
+    def fit(row: dict) -> dict:
+        nonlocal shortened
+        prompt, completion = row["prompt"], row["completion"]
+        excess = length(prompt, completion) - max_length
+        if excess <= 0 or not (prompt.startswith(head) and prompt.endswith(tail)):
+            return row
+        text_ids = tokenizer(prompt[len(head) : len(prompt) - len(tail)], add_special_tokens=False)["input_ids"]
+        keep = len(text_ids) - excess
+        while keep > 0:
+            candidate = head + tokenizer.decode(text_ids[:keep]) + tail
+            excess = length(candidate, completion) - max_length
+            if excess <= 0:
+                shortened += 1
+                return {**row, "prompt": candidate}
+            keep -= excess
+        shortened += 1
+        return {**row, "prompt": head + tail}  # the instruction alone: the label still fits or nothing could
+
+    rows = [fit(row) for row in dataset]
+    if not shortened:
+        return dataset, 0
+    return Dataset.from_list(rows, features=dataset.features), shortened

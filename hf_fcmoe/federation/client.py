@@ -7,7 +7,9 @@ states swapped in and out); a Flower ClientApp builds one per message. Both go t
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 
 import datasets
@@ -18,6 +20,7 @@ from trl import SFTTrainer
 
 from hf_fcmoe.aggregation.types import ClientUpdate, State
 from hf_fcmoe.config import FederatedMoEConfig
+from hf_fcmoe.data.formatting import DEFAULT_TEMPLATE, fit_prompts_to_length
 from hf_fcmoe.metrics.loss import eval_loss
 from hf_fcmoe.training.trainer import FederatedMoETrainer, load_adapter_state
 
@@ -42,8 +45,12 @@ class ClientWorker:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self._scratch = tempfile.TemporaryDirectory(prefix="hf_fcmoe_local_")
+        # Trainer's output_dir of the local rounds (nothing is saved there); removed with the worker, without the
+        # ResourceWarning an unclosed TemporaryDirectory raises at exit
+        self._scratch = tempfile.mkdtemp(prefix="hf_fcmoe_local_")
+        weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
         self.collator = None
+        self.truncated_prompts = 0  # classification rows whose input text was shortened to fit max_length
 
     def local_args(self, seed: int, prepared: bool = True) -> FederatedMoEConfig:
         """A copy of the run config set up for one local round (no checkpoints, no per-step printing).
@@ -52,15 +59,21 @@ class ClientWorker:
         """
         args = copy.copy(self.config)
         args.dataset_kwargs = {**(self.config.dataset_kwargs or {}), "skip_prepare_dataset": prepared}
-        args.output_dir = self._scratch.name
+        args.output_dir = self._scratch
         args.seed = seed
         args.save_strategy = "no"
         args.disable_tqdm = True
         args.push_to_hub = False
+        args.report_to = "none"  # the federation logs its curves once per round (reporting/trackers.py)
         return args
 
     def prepare(self, train: Dataset, eval: Dataset) -> PreparedSplits:
         """Tokenize a client's splits with SFTTrainer's own preparation (text, prompt/completion or messages)."""
+        if self.config.task == "classification":  # long prompts: cut the input text, never the label
+            template = self.config.prompt_template or DEFAULT_TEMPLATE
+            train, cut_train = fit_prompts_to_length(train, self.tokenizer, self.config.max_length, template)
+            eval, cut_eval = fit_prompts_to_length(eval, self.tokenizer, self.config.max_length, template)
+            self.truncated_prompts += cut_train + cut_eval
         datasets.disable_progress_bars()
         try:
             trainer = SFTTrainer(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +35,10 @@ from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights, save
 from hf_fcmoe.models.families import get_family
 from hf_fcmoe.models.loading import is_tiny, load_base_model, save_base_model
 from hf_fcmoe.models.preflight import check_run
+from hf_fcmoe.reporting.trackers import FederationTracker
 from hf_fcmoe.training.trainer import adapter_state
 
+logger = logging.getLogger(__name__)
 RESUME_IGNORED_KEYS = {"output_dir", "num_rounds", "overwrite_output_dir"}
 
 
@@ -62,6 +65,25 @@ def sample_clients(client_ids: list[str], per_round: int, seed: int, round_index
     rng = np.random.default_rng([seed, round_index])
     chosen = rng.choice(len(client_ids), size=per_round, replace=False)
     return [client_ids[i] for i in sorted(chosen.tolist())]
+
+
+def check_output_dir(config: FederatedMoEConfig, resume: bool) -> None:
+    """Whether output_dir may be written (fresh, --resume of the same config, or --overwrite_output_dir).
+
+    Needs no process group: `hf-fcmoe` checks it before `accelerate launch` starts any process.
+    """
+    run_dir = RunDirectory(config.output_dir)
+    root = run_dir.root
+    if resume:
+        if not run_dir.has_completed_rounds():
+            raise FileNotFoundError(f"--resume: no completed round to resume from in {root}")
+        changed = config_changes(root / "config.yaml", config)
+        if changed:
+            raise ValueError(f"--resume: config differs from the run being resumed in {changed}")
+    elif run_dir.has_completed_rounds() and not config.overwrite_output_dir:
+        raise FileExistsError(
+            f"{root} already holds a run; pass --resume to continue it or --overwrite_output_dir true"
+        )
 
 
 def build_hub(config: FederatedMoEConfig, layout: ExpertLayout) -> AggregationHub:
@@ -120,19 +142,10 @@ class FederatedSimulation:
         self.worker = ClientWorker(self.model, self.tokenizer, config)
         self.splits: dict[str, PreparedSplits] = {}
         self.residuals: dict[str, State] = {}
+        self.tracker = FederationTracker(config, is_main_process=self.process.is_main_process)
 
     def _check_output_dir(self) -> None:
-        root = self.run_dir.root
-        if self.resume:
-            if not self.run_dir.has_completed_rounds():
-                raise FileNotFoundError(f"--resume: no completed round to resume from in {root}")
-            changed = config_changes(root / "config.yaml", self.config)
-            if changed:
-                raise ValueError(f"--resume: config differs from the run being resumed in {changed}")
-        elif self.run_dir.has_completed_rounds() and not self.config.overwrite_output_dir:
-            raise FileExistsError(
-                f"{root} already holds a run; pass --resume to continue it or --overwrite_output_dir true"
-            )
+        check_output_dir(self.config, self.resume)
 
     def _on_main_process(self, write: Callable[[], object]) -> None:
         """Run `write` on the main process only, then let every process continue together."""
@@ -199,10 +212,17 @@ class FederatedSimulation:
 
     # --- the loop
     def run(self, on_round_end: Callable[[int, dict], None] | None = None) -> SimulationResult:
-        last, global_state = self._restore() if self.resume else self._start()
         client_ids = self.data.client_ids
+        # tokenization can still refuse the data (e.g. every row truncated away): before the run writes anything
         for cid in tqdm(client_ids, desc="preparing client data", leave=False, disable=self.quiet):
             self.splits[cid] = self.worker.prepare(self.data.train[cid], self.data.eval[cid])
+        if self.worker.truncated_prompts and self.process.is_main_process:
+            logger.warning(
+                f"{self.worker.truncated_prompts} classification prompts were longer than max_length="
+                f"{self.config.max_length}: their input text was shortened so the label stays in (raise max_length "
+                "to keep all of it)"
+            )
+        last, global_state = self._restore() if self.resume else self._start()
         # Trainer.train() ends every local round with accelerate's free_memory(), a full gc.collect(); with the
         # model, datasets and tokenizer in memory that walk took ~0.16 s per client round (a quarter of a tiny
         # run). Objects alive now live for the whole run: freeze them out of the collector's generations.
@@ -276,6 +296,8 @@ class FederatedSimulation:
             seconds=round(seconds, 3),
             failed=result.failed,
         )
+        if self.worker.truncated_prompts:
+            row["truncated_prompts"] = self.worker.truncated_prompts
         diagnostics = result.diagnostics or {}
         for key in ("conflict_rate", "conflict_rate_per_layer", "conflicts", "rejected"):
             if key in diagnostics:
@@ -284,6 +306,7 @@ class FederatedSimulation:
 
     def _checkpoint(self, round_index: int, global_state: State, updates: list[ClientUpdate], row: dict) -> None:
         self._on_main_process(lambda: self._write_round(round_index, global_state, updates, row))
+        self.tracker.log_round(row)  # report_to: the federation's curves, one tracker run per federation
 
     def _write_round(self, round_index: int, global_state: State, updates: list[ClientUpdate], row: dict) -> None:
         """Stage the round's files, rename them into place, then record metrics and the resume point."""
@@ -325,6 +348,7 @@ class FederatedSimulation:
             write_run_report(root, metrics, self.data.label_counts)
 
         self._on_main_process(write_final)
+        self.tracker.finish()
         return SimulationResult(root, root / "global", personalized_dirs, root / "report.md", metrics)
 
 

@@ -160,8 +160,14 @@ def load_dense(source: str, dtype: torch.dtype = torch.float32) -> tuple[LlamaFo
         kwargs = {"gguf_file": gguf.name}
         location = str(gguf.parent)
     else:
+        from hf_fcmoe.models.loading import check_model_reachable, model_load_error
+
         kwargs, location = {}, source
-        model_type = AutoConfig.from_pretrained(location).model_type
+        check_model_reachable(source)  # a Hub id without network: one line within seconds
+        try:
+            model_type = AutoConfig.from_pretrained(location).model_type
+        except OSError as error:
+            raise model_load_error(source, error) from None
         if model_type != "llama":
             raise ValueError(f"source {source!r} is a {model_type!r} model; upcycling needs a dense 'llama' model")
     model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)

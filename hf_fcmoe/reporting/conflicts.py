@@ -19,6 +19,19 @@ def _conflicts_of(row: dict) -> list[list[float]] | None:
     return None
 
 
+NO_CONFLICTS = "no conflicts in this run"
+
+
+def conflict_summary(rows: list[dict]) -> str:
+    """A sentence: how many (client, expert) conflicts fired over the run, or that none did."""
+    matrices = [np.asarray(m, dtype=float) for m in map(_conflicts_of, rows) if m is not None]
+    total = int(sum(m.sum() for m in matrices))
+    if not total:
+        return "No conflicts in this run: no client update had a negative inner product with its consensus."
+    rounds = sum(bool(m.sum()) for m in matrices)
+    return f"{total} (client, expert) conflicts over {rounds} of {len(matrices)} rounds."
+
+
 def plot_conflict_heatmap(rows: list[dict], path) -> Path:
     """Draw conflicts per (layer, expert) (y) over rounds (x) from per-round diagnostics rows; returns the path.
 
@@ -35,8 +48,8 @@ def plot_conflict_heatmap(rows: list[dict], path) -> Path:
         columns.append(np.asarray(conflicts, dtype=float).reshape(-1))
         rounds.append(row.get("round", (row.get("diagnostics") or {}).get("round", index)))
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(columns) + 2.5), 6.0))
-    if not columns:
-        ax.text(0.5, 0.5, "no conflict diagnostics", ha="center", va="center")
+    if not columns or not any(column.any() for column in columns):
+        ax.text(0.5, 0.5, NO_CONFLICTS if columns else "no conflict diagnostics", ha="center", va="center")
         ax.set_axis_off()
     else:
         width = max(len(c) for c in columns)
