@@ -1,4 +1,4 @@
-"""`accelerate launch` of a run with bad settings: the error is said once, before any process starts (no launcher traceback)."""
+"""`accelerate launch` with bad settings: the error is said once, before any process starts (no launcher traceback)."""
 
 from __future__ import annotations
 
