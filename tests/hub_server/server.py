@@ -25,6 +25,7 @@ REPO = r"(?P<repo>[^/]+/[^/]+?)"
 ROUTES = [
     ("POST", r"/api/repos/create", "create_repo"),
     ("GET", r"/api/whoami-v2", "whoami"),
+    ("POST", r"/api/validate-yaml", "validate_yaml"),
     ("GET", rf"/api/models/{REPO}(?:/revision/(?P<rev>[^/]+))?", "repo_info"),
     ("POST", rf"/api/models/{REPO}/preupload/(?P<rev>[^/]+)", "preupload"),
     ("POST", rf"/api/models/{REPO}/commit/(?P<rev>[^/]+)", "commit"),
@@ -188,14 +189,32 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._require_token()
         self._json({"type": "user", "name": "tester", "auth": {"accessToken": {"role": "write"}}})
 
+    def validate_yaml(self, body: bytes) -> None:
+        """The card's metadata block must be a YAML mapping (what the Hub checks before a README commit)."""
+        import yaml
+
+        content = json.loads(body)["content"]
+        match = re.match(r"^---\n(.*?)\n---\n", content, re.S)
+        try:
+            ok = match is None or isinstance(yaml.safe_load(match.group(1)) or {}, dict)
+        except yaml.YAMLError:
+            ok = False
+        if not ok:
+            raise HubError(400, "Invalid metadata in README.md")
+        self._json({"warnings": [], "errors": []})
+
     def create_repo(self, body: bytes) -> None:
         self._require_token()
         payload = json.loads(body)
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
         if "/" not in repo_id:
             repo_id = f"tester/{repo_id}"
-        self.hub.store.create_repo(repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private")))
-        self._json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
+        url = f"{self.hub.url}/{repo_id}"
+        try:
+            self.hub.store.create_repo(repo_id, private=payload.get("visibility") == "private")
+        except HubError as error:  # the Hub's 409 answer carries the url too
+            return self._json({"error": error.message, "url": url}, error.status, {"X-Error-Message": error.message})
+        self._json({"url": url, "name": repo_id})
 
     def repo_info(self, body: bytes, repo: str, rev: str | None = None) -> None:
         handle = self._readable(repo)
