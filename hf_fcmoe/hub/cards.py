@@ -93,8 +93,12 @@ def _card_data(run: RunContents, kind: str, base_model_id: str) -> ModelCardData
         tags.append("personalized")
     tiny = str(run.config.get("model_name_or_path", "")).startswith("tiny:")
     if kind == "base":
-        return ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags[:2] + ["hf-fcmoe"],
-                             license="apache-2.0" if tiny else None)
+        return ModelCardData(
+            library_name="transformers",
+            pipeline_tag="text-generation",
+            tags=tags[:2] + ["hf-fcmoe"],
+            license="apache-2.0" if tiny else None,
+        )
     return ModelCardData(
         base_model=base_model_id,
         library_name="peft",

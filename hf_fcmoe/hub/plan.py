@@ -250,7 +250,9 @@ def plan_push(
     if base_dir is not None:
         base_id = check_repo_id(base_repo_id or f"{repo_id}-base", "base_repo_id")
         if not (base_dir / "config.json").is_file():
-            raise FileNotFoundError(f"base model folder {base_dir} of the run is missing: copy the whole run directory")
+            raise FileNotFoundError(
+                f"base model folder {base_dir} of the run is missing: copy the whole run directory"
+            )
         cards = render_card(kind="base", run=run, repo_id=base_id, adapter_repo_id=repo_id, base_model_id=base_id)
         files = _folder_files(base_dir) + _card_files(cards)
         targets.append(PushTarget(base_id, "main", "base", files, f"Base model of {repo_id}"))
@@ -273,7 +275,11 @@ def plan_push(
             global_repo_id=repo_id,
             round_index=run.last_round,
         )
-        files = [_adapter_config_for_hub(folder, base_id), *_folder_files(folder, REWRITTEN_FILES), *_card_files(cards)]
+        files = [
+            _adapter_config_for_hub(folder, base_id),
+            *_folder_files(folder, REWRITTEN_FILES),
+            *_card_files(cards),
+        ]
         message = f"Personalized adapter of {client_id}, round {run.last_round}"
         targets.append(
             PushTarget(target_repo, branch, "personalized", files, message, run.last_round, client_id=client_id)
@@ -297,7 +303,5 @@ def plan_push(
             *extra,
             *_card_files(cards),
         ]
-        targets.append(
-            PushTarget(repo_id, "main", "global", files, f"Global adapter, round {t}", t, tag=round_tag(t))
-        )
+        targets.append(PushTarget(repo_id, "main", "global", files, f"Global adapter, round {t}", t, tag=round_tag(t)))
     return PushPlan(targets, private=private, repos=list(dict.fromkeys(t.repo_id for t in targets)))

@@ -127,7 +127,7 @@ class HubPublisher:
         if status == 401:
             return f"{self.endpoint} refused the token (401): check HF_TOKEN / --token"
         if status == 403:
-            return f"the token may not write there (403): use a token with write access to the namespace"
+            return "the token may not write there (403): use a token with write access to the namespace"
         if status == 412:
             return "the branch moved while pushing (412): someone else pushed; run the push again"
         tries = f" after {attempt + 1} attempts" if status in RETRY_STATUS else ""
@@ -170,9 +170,7 @@ class HubPublisher:
         self._planned = [self._label(t) for t in plan.targets]
         self._done = []
         for repo_id in plan.repos:
-            self._call(
-                f"creating {repo_id}", self.api.create_repo, repo_id, private=plan.private, exist_ok=True
-            )
+            self._call(f"creating {repo_id}", self.api.create_repo, repo_id, private=plan.private, exist_ok=True)
         tags: dict[str, set[str]] = {}
         for target in plan.targets:
             commit = self._push_target(target, report)

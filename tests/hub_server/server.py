@@ -241,7 +241,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             oid = None
             if remote is not None:
                 oid = remote["lfs"]["oid"] if remote.get("lfs") else remote["oid"]
-            out.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+            out.append(
+                {"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
         self._json({"files": out, "commitOid": self._branch_head(handle, rev)})
 
     def lfs_batch(self, body: bytes, repo: str) -> None:

@@ -109,7 +109,11 @@ class Repo:
         if not self.has_lfs(sha256):
             raise HubError(422, f"LFS object {sha256} was never uploaded")
         pointer = lfs_pointer(sha256, size)
-        return {"oid": git_blob_sha1(pointer), "size": size, "lfs": {"oid": sha256, "size": size, "pointerSize": len(pointer)}}
+        return {
+            "oid": git_blob_sha1(pointer),
+            "size": size,
+            "lfs": {"oid": sha256, "size": size, "pointerSize": len(pointer)},
+        }
 
     def new_commit(self, parent: str | None, files: dict, title: str, message: str = "") -> str:
         body = {"parent": parent, "files": files, "title": title, "message": message, "date": time.time()}
