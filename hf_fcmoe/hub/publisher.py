@@ -87,7 +87,7 @@ class HubPublisher:
         token: str | None = None,
         endpoint: str | None = None,
         retries: int = 4,
-        backoff_s: float = 1.0,
+        backoff_s: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
     ):
         self.endpoint = resolve_endpoint(endpoint)
@@ -239,7 +239,7 @@ def push_run(
     endpoint: str | None = None,
     confirm: Callable[[PushPlan, str], bool] | None = None,
     retries: int = 4,
-    backoff_s: float = 1.0,
+    backoff_s: float = 0.5,
 ) -> PushReport | None:
     """Publish a run directory (see `plan_push` for the layout). `confirm(plan, endpoint)` may decline (-> None).
 
