@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 def parse_overrides(tokens: Sequence[str]) -> dict:
     """``--key value`` / ``--key=value`` pairs into a dict (values read as YAML scalars/lists)."""
+    if not tokens:  # `push` takes none: it must not import the config (torch, transformers) for nothing
+        return {}
     from hf_fcmoe.config import parse_override_value
 
     overrides: dict = {}
