@@ -214,6 +214,7 @@ def test_repush_of_an_unchanged_run_makes_no_commit(fed_run, pushed, hub):
     assert hub.refs("org/fed")["branches"] == heads and hub.refs("org/fed-base")["branches"]["main"] == base_head
 
 
+@pytest.mark.slow
 def test_one_more_round_is_one_commit_per_branch_and_one_tag(fed_run, hub, tmp_path):
     from hf_fcmoe.config import load_config
     from hf_fcmoe.federation.simulation import run_simulation
@@ -296,6 +297,7 @@ def test_failed_push_leaves_no_partial_adapter_and_a_rerun_completes(fed_run, hu
     assert sum(1 for method, _ in hub.requests if method == "PUT") == uploads  # LFS objects already uploaded
 
 
+@pytest.mark.slow
 def test_recipe_publishing_every_round_and_named_clients_only(hub, tmp_path):
     out = tmp_path / "recipe-run"
     overrides = {

@@ -98,6 +98,7 @@ class HubPublisher:
         self.retries, self.backoff_s, self.sleep = retries, backoff_s, sleep
         self._planned: list[str] = []
         self._done: list[str] = []
+        self._ref_cache: dict[str, tuple[dict[str, str], set[str]]] = {}
 
     # --- calls with retry and clear errors
     def _call(self, what: str, fn, *args, **kwargs):
@@ -148,13 +149,20 @@ class HubPublisher:
             return set()
         return {ref.name for ref in self._call(f"listing refs of {repo_id}", self.api.list_repo_refs, repo_id).tags}
 
-    def _head(self, repo_id: str, branch: str) -> str:
-        refs = self._call(f"listing refs of {repo_id}", self.api.list_repo_refs, repo_id)
-        heads = {ref.name: ref.target_commit for ref in refs.branches}
-        if branch not in heads:
-            self._call(f"creating branch {branch} of {repo_id}", self.api.create_branch, repo_id, branch=branch)
+    def _refs(self, repo_id: str) -> tuple[dict[str, str], set[str]]:
+        """Branch heads and tags of a repo, read once per push (then kept up to date by the push itself)."""
+        if repo_id not in self._ref_cache:
             refs = self._call(f"listing refs of {repo_id}", self.api.list_repo_refs, repo_id)
             heads = {ref.name: ref.target_commit for ref in refs.branches}
+            self._ref_cache[repo_id] = (heads, {ref.name for ref in refs.tags})
+        return self._ref_cache[repo_id]
+
+    def _head(self, repo_id: str, branch: str) -> str:
+        heads, _ = self._refs(repo_id)
+        if branch not in heads:
+            self._call(f"creating branch {branch} of {repo_id}", self.api.create_branch, repo_id, branch=branch)
+            self._ref_cache.pop(repo_id)
+            heads, _ = self._refs(repo_id)
         return heads[branch]
 
     def _remote_files(self, repo_id: str, commit: str) -> dict:
@@ -171,11 +179,12 @@ class HubPublisher:
         self._done = []
         for repo_id in plan.repos:
             self._call(f"creating {repo_id}", self.api.create_repo, repo_id, private=plan.private, exist_ok=True)
-        tags: dict[str, set[str]] = {}
+        self._ref_cache: dict[str, tuple[dict[str, str], set[str]]] = {}
         for target in plan.targets:
             commit = self._push_target(target, report)
+            self._refs(target.repo_id)[0][target.branch] = commit
             if target.tag:
-                repo_tags = tags.setdefault(target.repo_id, self._tags(target.repo_id))
+                repo_tags = self._refs(target.repo_id)[1]
                 if target.tag not in repo_tags:
                     self._call(
                         f"tagging {target.label} {target.tag}",
@@ -193,9 +202,6 @@ class HubPublisher:
     @staticmethod
     def _label(target: PushTarget) -> str:
         return f"{target.label} ({target.describe()}{', tag ' + target.tag if target.tag else ''})"
-
-    def _tags(self, repo_id: str) -> set[str]:
-        return {ref.name for ref in self._call(f"listing refs of {repo_id}", self.api.list_repo_refs, repo_id).tags}
 
     def _push_target(self, target: PushTarget, report: PushReport) -> str:
         head = self._head(target.repo_id, target.branch)
