@@ -418,3 +418,16 @@ def test_readme_share_on_the_hub_commands_work_as_written(fed_run, hub, tmp_path
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "PeftModel" in proc.stdout and "client_000" in proc.stdout
+
+
+def test_only_the_hub_package_writes_to_the_hub():
+    writes = ("create_commit", "create_repo", "create_branch", "create_tag", "upload_folder", "upload_file", "HfApi(")
+    package = REPO_ROOT / "hf_fcmoe"
+    offenders = [
+        f"{path.relative_to(package)}: {name}"
+        for path in package.rglob("*.py")
+        if "hub" not in path.relative_to(package).parts[:1]
+        for name in writes
+        if name in path.read_text()
+    ]
+    assert offenders == []
