@@ -431,3 +431,17 @@ def test_only_the_hub_package_writes_to_the_hub():
         if name in path.read_text()
     ]
     assert offenders == []
+
+
+def test_a_tag_from_another_run_is_an_error_not_a_silent_skip(fed_run, hub, tmp_path):
+    _, result = fed_run
+    env = hub_env(hub, tmp_path / "home")
+    assert run_cli(["push", str(result.output_dir), "--repo_id", "org/stale", "--yes"], env).returncode == 0
+    other = tmp_path / "other"
+    shutil.copytree(result.output_dir, other)
+    with (other / "global" / "adapter_model.safetensors").open("ab") as handle:
+        handle.write(b"\0")  # another run's final adapter, same round number
+    head = hub.refs("org/stale")["branches"]["main"]
+    proc = run_cli(["push", str(other), "--repo_id", "org/stale", "--yes"], env)
+    one_line_error(proc, "tag round-2 of org/stale already names another adapter", "new --repo_id")
+    assert hub.refs("org/stale")["branches"]["main"] == head

@@ -1,4 +1,4 @@
-"""The card templates live in model_cards/ at the top level and ship in the wheel (hf_fcmoe/model_cards links there)."""
+"""Card templates live in model_cards/ at the top level and ship in the wheel (hf_fcmoe/model_cards links there)."""
 
 from pathlib import Path
 

@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - depends on the installed huggingface_h
     from httpx import TransportError
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class HubPushError(ConnectionError):
@@ -143,11 +144,28 @@ class HubPublisher:
         )
 
     # --- remote state
-    def published_tags(self, repo_id: str) -> set[str]:
-        """Tags of `repo_id` (empty when the repo does not exist yet)."""
+    def published_tags(self, repo_id: str, run_dir: str | Path | None = None) -> set[str]:
+        """Tags of `repo_id` (empty when the repo does not exist yet); with `run_dir`, each `round-<t>` tag must name
+        that run's round-t adapter (a tag left by another run is an error, never silently skipped)."""
         if not self._call(f"checking {repo_id}", self.api.repo_exists, repo_id):
             return set()
-        return {ref.name for ref in self._call(f"listing refs of {repo_id}", self.api.list_repo_refs, repo_id).tags}
+        tags = {ref.name for ref in self._call(f"listing refs of {repo_id}", self.api.list_repo_refs, repo_id).tags}
+        for tag in sorted(tags):
+            round_index = tag.removeprefix("round-")
+            local = Path(run_dir or "") / "rounds" / round_index / "global" / ADAPTER_WEIGHTS
+            if run_dir is not None and round_index.isdigit() and local.is_file():
+                self._check_tag(repo_id, tag, UploadFile(ADAPTER_WEIGHTS, source=local))
+        return tags
+
+    def _check_tag(self, repo_id: str, tag: str, weights: UploadFile) -> None:
+        infos = self._call(
+            f"reading {repo_id}@{tag}", self.api.get_paths_info, repo_id, [ADAPTER_WEIGHTS], revision=tag
+        )
+        if not infos or _changed(weights, infos[0]):
+            raise ValueError(
+                f"tag {tag} of {repo_id} already names another adapter (pushed from another run?): "
+                "push this run to a new --repo_id"
+            )
 
     def _refs(self, repo_id: str) -> tuple[dict[str, str], set[str]]:
         """Branch heads and tags of a repo, read once per push (then kept up to date by the push itself)."""
@@ -180,6 +198,10 @@ class HubPublisher:
         for repo_id in plan.repos:
             self._call(f"creating {repo_id}", self.api.create_repo, repo_id, private=plan.private, exist_ok=True)
         self._ref_cache: dict[str, tuple[dict[str, str], set[str]]] = {}
+        for target in plan.targets:  # before any commit: a tag this push would reuse must name the same adapter
+            weights = [f for f in target.files if f.path_in_repo == ADAPTER_WEIGHTS]
+            if target.tag and weights and target.tag in self._refs(target.repo_id)[1]:
+                self._check_tag(target.repo_id, target.tag, weights[0])
         for target in plan.targets:
             commit = self._push_target(target, report)
             self._refs(target.repo_id)[0][target.branch] = commit
@@ -260,7 +282,9 @@ def push_run(
     plan = plan_push(run_dir, repo_id, rounds=rounds, **options)
     publisher = HubPublisher(token=token, endpoint=endpoint, retries=retries, backoff_s=backoff_s)
     if rounds == "all":  # rounds already tagged on the Hub are not pushed again
-        plan = plan_push(run_dir, repo_id, rounds=rounds, published_tags=publisher.published_tags(repo_id), **options)
+        plan = plan_push(
+            run_dir, repo_id, rounds=rounds, published_tags=publisher.published_tags(repo_id, run_dir), **options
+        )
     if confirm is not None and not confirm(plan, publisher.endpoint):
         return None
     return publisher.push(plan)
