@@ -270,9 +270,13 @@ def test_bad_input_fails_with_one_line_before_any_push(fed_run, hub, tmp_path):
 def test_transient_5xx_is_retried_and_the_push_completes(fed_run, hub, tmp_path):
     _, result = fed_run
     hub.fail("POST", r"/api/models/org/retry/commit/main", 503, times=2)
-    proc = run_cli(["push", str(result.output_dir), "--repo_id", "org/retry", "--yes"], hub_env(hub, tmp_path))
+    hub.fail("POST", r"/api/models/org/retry/commit/client-client_000", 500, after=True)  # landed, answer lost
+    args = ["push", str(result.output_dir), "--repo_id", "org/retry", "--clients", "client_000", "--private", "--yes"]
+    proc = run_cli(args, hub_env(hub, tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert "round-2" in hub.refs("org/retry")["tags"]
+    assert "round-2" in hub.refs("org/retry")["tags"] and hub.store.repo("org/retry").meta["private"]
+    titles = [c["title"] for c in hub.commits("org/retry", "client-client_000")]
+    assert titles == ["Personalized adapter of client_000, round 2", "initial commit"]  # the retry made no duplicate
 
 
 def test_failed_push_leaves_no_partial_adapter_and_a_rerun_completes(fed_run, hub, tmp_path):

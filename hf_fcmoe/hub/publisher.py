@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
@@ -106,6 +107,8 @@ class HubPublisher:
         for attempt in range(self.retries + 1):
             try:
                 return fn(*args, **kwargs)
+            except HubPushError:
+                raise
             except HfHubHTTPError as error:
                 status = error.response.status_code if error.response is not None else None
                 if status in RETRY_STATUS and attempt < self.retries:
@@ -234,7 +237,16 @@ class HubPublisher:
             report.commits[target.label] = head
             return head
 
+        attempts = []
+
         def commit():
+            attempts.append(1)
+            if len(attempts) > 1:  # a retry: the last attempt may have landed with its answer lost
+                self._ref_cache.pop(target.repo_id, None)
+                current = self._head(target.repo_id, target.branch)
+                now = self._remote_files(target.repo_id, current) if current != head else None
+                if now is not None and not any(_changed(f, now.get(f.path_in_repo)) for f in changed):
+                    return SimpleNamespace(oid=current)
             # fresh operations per attempt: huggingface_hub marks committed ones as used
             operations = [
                 CommitOperationAdd(f.path_in_repo, f.content if f.content is not None else str(f.source))

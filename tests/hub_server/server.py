@@ -11,6 +11,7 @@ Run standalone: ``python -m tests.hub_server --port 8765 --root /tmp/hub --token
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import threading
@@ -48,6 +49,7 @@ class Fault:
     path_pattern: str
     status: int
     times: int
+    after: bool = False  # carry the request out, then answer `status` (a lost response)
 
 
 class HubServer:
@@ -79,16 +81,17 @@ class HubServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def fail(self, method: str, path_pattern: str, status: int = 500, times: int = 1) -> None:
-        """Answer the next `times` requests matching (method, regex on the path) with `status`."""
-        self.faults.append(Fault(method, path_pattern, status, times))
+    def fail(self, method: str, path_pattern: str, status: int = 500, times: int = 1, after: bool = False) -> None:
+        """Answer the next `times` requests matching (method, regex on the path) with `status`; `after`: only
+        once the request has been carried out (the change happened, its answer is lost)."""
+        self.faults.append(Fault(method, path_pattern, status, times, after))
 
-    def take_fault(self, method: str, path: str) -> int | None:
+    def take_fault(self, method: str, path: str) -> Fault | None:
         with self.store.lock:
             for fault in self.faults:
                 if fault.times > 0 and fault.method == method and re.search(fault.path_pattern, path):
                     fault.times -= 1
-                    return fault.status
+                    return fault
         return None
 
     # --- helpers for tests
@@ -144,9 +147,17 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         path, self.query = unquote(parts.path), parse_qs(parts.query)
         self.hub.requests.append((self.command, path))
         body = self._body() if self.command in ("POST", "PUT") else b""
-        status = self.hub.take_fault(self.command, path)
-        if status is not None:
-            return self._error(HubError(status, f"injected fault {status}"))
+        fault = self.hub.take_fault(self.command, path)
+        if fault is not None and not fault.after:
+            return self._error(HubError(fault.status, f"injected fault {fault.status}"))
+        if fault is not None:  # carry it out into a discarded buffer, then answer the fault
+            real, self.wfile = self.wfile, io.BytesIO()
+            self._route(path, body)
+            self.wfile = real
+            return self._error(HubError(fault.status, f"injected fault {fault.status} (after the change)"))
+        self._route(path, body)
+
+    def _route(self, path: str, body: bytes) -> None:
         for method, pattern, name in ROUTES:
             match = re.fullmatch(pattern, path)
             if method == self.command and match:
