@@ -449,3 +449,20 @@ def test_a_tag_from_another_run_is_an_error_not_a_silent_skip(fed_run, hub, tmp_
     proc = run_cli(["push", str(other), "--repo_id", "org/stale", "--yes"], env)
     one_line_error(proc, "tag round-2 of org/stale already names another adapter", "new --repo_id")
     assert hub.refs("org/stale")["branches"]["main"] == head
+
+
+def test_personalized_adapters_in_their_own_repos(fed_run, hub, tmp_path):
+    _, result = fed_run
+    args = ["push", str(result.output_dir), "--repo_id", "org/own", "--clients", "client_001", "--yes"]
+    proc = run_cli([*args, "--personalized_repo_id", "org/own-{client_id}"], hub_env(hub, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(hub.refs("org/own")["branches"]) == ["main"]
+    files = hub.commits("org/own-client_001")[0]["files"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "loss.png"} <= set(files)
+    repo = hub.store.repo("org/own-client_001")
+    card = repo.read(files["README.md"]).decode()
+    assert 'PeftModel.from_pretrained(base, "org/own-client_001")' in card  # main: no revision in the snippet
+    local = (result.output_dir / "personalized" / "client_001" / "adapter_model.safetensors").read_bytes()
+    assert repo.read(files["adapter_model.safetensors"]) == local
+    bad = run_cli([*args, "--personalized_repo_id", "org/own"], hub_env(hub, tmp_path))
+    one_line_error(bad, "must contain '{client_id}'")
