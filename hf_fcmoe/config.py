@@ -8,6 +8,7 @@ these fields; an unknown key is an error, not a silent default.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -124,6 +125,12 @@ class FederatedMoEConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        # --- launch: CPU runs under `accelerate launch` (cpu.yaml, multi_cpu.yaml) train as gloo DDP ranks without
+        # repeating `--use_cpu true`: the single-process launcher exports ACCELERATE_USE_CPU, the multi-process one
+        # only WORLD_SIZE (on a machine without CUDA several processes can only be CPU ranks)
+        several_cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        if several_cpu_ranks or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+            self.use_cpu = True
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         if not torch.cuda.is_available():

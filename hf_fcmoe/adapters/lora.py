@@ -22,6 +22,7 @@ from hf_fcmoe.models.families import MoEFamily, get_family
 
 ADAPTER_NAME = "default"
 TARGET_CHOICES = ("experts", "router", "attention", "shared_experts")
+_V4_EXPERT_NAMES = {"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
 
 
 def build_lora_config(
@@ -44,11 +45,24 @@ def build_lora_config(
     target_parameters = [f"{family.experts_path}.{name}" for name in family.expert_parameters]
     if "router" in targets:
         target_parameters.append(f"{family.router_path}.weight")
-    target_modules: list[str] = []
-    if "attention" in targets:
-        target_modules += [f"self_attn.{name}" for name in family.attention_modules]
-    if "shared_experts" in targets:
-        target_modules += [f"{family.moe_module}.{name}" for name in family.shared_expert_modules]
+    dense: list[str] = []
+    for target, names, where in (
+        ("attention", family.attention_modules, family.attention_module),
+        ("shared_experts", family.shared_expert_modules, family.moe_module),
+    ):
+        if target not in targets:
+            continue
+        if not names:
+            raise ValueError(
+                f"LoRA target {target!r} does not exist in model_type {family.model_type!r} (it has no {target} "
+                "Linear layers); drop it from lora_targets"
+            )
+        dense += [f"{where}.{name}" for name in names]
+    # PEFT rewrites target_modules named like transformers-v4 expert projections (gate_proj, up_proj, down_proj,
+    # w1-w3, gate) into fused expert targets, silently dropping e.g. a shared expert's gate_proj; those Linears
+    # are targeted through their weight parameter instead (a 2D ParamWrapper, the same delta).
+    target_modules = [path for path in dense if path.rsplit(".", 1)[-1] not in _V4_EXPERT_NAMES]
+    target_parameters += [f"{path}.weight" for path in dense if path.rsplit(".", 1)[-1] in _V4_EXPERT_NAMES]
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=r,

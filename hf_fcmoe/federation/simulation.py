@@ -34,6 +34,7 @@ from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights, save
 from hf_fcmoe.hub.recipe import check_publishing, publish_round, publish_run
 from hf_fcmoe.models.families import get_family
 from hf_fcmoe.models.loading import is_tiny, load_base_model, save_base_model
+from hf_fcmoe.models.preflight import check_run
 from hf_fcmoe.training.trainer import adapter_state
 
 RESUME_IGNORED_KEYS = {"output_dir", "num_rounds", "overwrite_output_dir"}
@@ -97,6 +98,7 @@ class FederatedSimulation:
         self.process = PartialState()
         self.quiet = not (progress and self.process.is_main_process)  # progress bars on the main process only
         self._check_output_dir()
+        check_run(config)  # launch, MoE family, LoRA targets, weights present: from configs, before data or weights
         check_publishing(config)
         # Everything that can fail on bad input happens here, before any training.
         self.data = load_federated_data(config.data_spec())

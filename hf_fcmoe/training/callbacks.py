@@ -38,8 +38,17 @@ class ExpertTokenCounter:
         self._buffer: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._handles = [model.register_forward_pre_hook(self._keep_mask, with_kwargs=True)]
+        self.top_k = family.top_k(config)
         for name, module in model.named_modules():
-            if name.endswith(family.router_path) and layer_index(name) is not None and not name.endswith("base_layer"):
+            plain = name.replace(".base_layer", "")
+            if layer_index(name) is None:
+                continue
+            if family.decorated and plain.endswith(family.experts_path) and "is_concatenated" in vars(module):
+                # every fused experts forward takes (hidden_states, top_k_index, top_k_weights): count its input,
+                # whatever the router returns (deepseek's router returns logits only)
+                hook = self._count_hook(layer_index(name), from_input=True)
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            elif not family.decorated and name.endswith(family.router_path) and not name.endswith("base_layer"):
                 self._handles.append(module.register_forward_hook(self._count_hook(layer_index(name))))
 
     @property
@@ -53,11 +62,15 @@ class ExpertTokenCounter:
         mask = kwargs.get("attention_mask")
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    def _count_hook(self, layer: int):
+    def _count_hook(self, layer: int, from_input: bool = False):
         def hook(module: nn.Module, inputs: tuple, output) -> None:
             if (self.training_only and not module.training) or _in_backward():
                 return None
-            top_k_index = output[2] if isinstance(output, tuple) else output
+            if from_input:  # a pre-hook with kwargs: (module, args, kwargs)
+                top_k_index = inputs[1] if len(inputs) > 1 else output["top_k_index"]
+            else:  # undecorated router (llama4): dense (tokens, experts) scores, the top-k of which were routed
+                scores = output[0] if isinstance(output, tuple) else output
+                top_k_index = scores.topk(self.top_k, dim=-1).indices
             flat = top_k_index.reshape(-1, top_k_index.shape[-1])
             if self._mask is not None and self._mask.numel() == flat.shape[0]:
                 padding = ~self._mask.reshape(-1, 1).to(device=flat.device, dtype=torch.bool)
