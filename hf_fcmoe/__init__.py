@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "build_lora_config": "hf_fcmoe.adapters.lora",
     "expert_layout_from_configs": "hf_fcmoe.adapters.lora",
     "expert_layout_from_peft_model": "hf_fcmoe.adapters.lora",
+    "load_adapter_model": "hf_fcmoe.adapters.loading",
     "ExpertLayout": "hf_fcmoe.adapters.layout",
     "LoraPair": "hf_fcmoe.adapters.layout",
     "AggregationHub": "hf_fcmoe.aggregation",
@@ -30,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "load_config": "hf_fcmoe.config",
     "SimulationResult": "hf_fcmoe.federation.simulation",
     "run_simulation": "hf_fcmoe.federation.simulation",
+    "push_run": "hf_fcmoe.hub.publisher",
     "FAMILIES": "hf_fcmoe.models.families",
     "MoEFamily": "hf_fcmoe.models.families",
     "build_tiny_moe": "hf_fcmoe.models.families",
@@ -55,7 +57,9 @@ __all__ = [
     "expert_layout_from_configs",
     "expert_layout_from_peft_model",
     "get_family",
+    "load_adapter_model",
     "load_config",
+    "push_run",
     "run_simulation",
 ]
 
@@ -75,6 +79,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hf_fcmoe.adapters.layout import ExpertLayout, LoraPair
+    from hf_fcmoe.adapters.loading import load_adapter_model
     from hf_fcmoe.adapters.lora import (
         apply_expert_lora,
         build_lora_config,
@@ -84,6 +89,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hf_fcmoe.aggregation import AggregationHub, AggregationResult, ClientUpdate, UpdateRejected
     from hf_fcmoe.config import FederatedMoEConfig, load_config
     from hf_fcmoe.federation.simulation import SimulationResult, run_simulation
+    from hf_fcmoe.hub.publisher import push_run
     from hf_fcmoe.models.families import FAMILIES, MoEFamily, build_tiny_moe, get_family
     from hf_fcmoe.training.callbacks import ExpertUsageCallback
     from hf_fcmoe.training.trainer import FederatedMoETrainer

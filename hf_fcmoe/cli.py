@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 def parse_overrides(tokens: Sequence[str]) -> dict:
     """``--key value`` / ``--key=value`` pairs into a dict (values read as YAML scalars/lists)."""
+    if not tokens:  # `push` takes none: it must not import the config (torch, transformers) for nothing
+        return {}
     from hf_fcmoe.config import parse_override_value
 
     overrides: dict = {}
@@ -73,6 +75,39 @@ def _simulate(args: argparse.Namespace, overrides: dict) -> int:
         f"({len(result.personalized_dirs)} clients)"
     )
     print(f"report:                {result.report_path}")
+    from hf_fcmoe.hub.recipe import next_push_command
+
+    print(f"share it on the Hub:   {next_push_command(config)}")
+    return 0
+
+
+def _push(args: argparse.Namespace, overrides: dict) -> int:
+    if overrides:
+        raise ValueError(f"hf-fcmoe push takes no --key value overrides, got {sorted(overrides)}")
+    from hf_fcmoe.hub.publisher import push_run
+
+    def confirm(plan, endpoint: str) -> bool:
+        print(plan.describe(endpoint))
+        if args.yes:
+            return True
+        if not sys.stdin or not sys.stdin.isatty():
+            raise ValueError("confirmation needed and stdin is not a terminal: pass --yes to push this plan")
+        return input("push this? [y/N] ").strip().lower() in ("y", "yes")
+
+    rounds = int(args.rounds) if args.rounds.isdigit() else args.rounds
+    report = push_run(
+        args.run_dir,
+        args.repo_id,
+        clients=args.clients,
+        personalized_repo_id=args.personalized_repo_id,
+        rounds=rounds,
+        base_repo_id=args.base_repo_id,
+        private=args.private,
+        token=args.token,
+        endpoint=args.endpoint,
+        confirm=confirm,
+    )
+    print("nothing pushed" if report is None else report.summary())
     return 0
 
 
@@ -197,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upcycle.add_argument("--config", default=None, help="optional YAML of UpcycleConfig fields")
     upcycle.set_defaults(handler=_upcycle)
+    push = sub.add_parser("push", help="publish a run's global (and named personalized) adapters to the Hub")
+    push.add_argument("run_dir", help="the run directory (output_dir of a run)")
+    push.add_argument("--repo_id", required=True, help="Hub repo ORG/NAME of the global adapter")
+    push.add_argument("--private", action="store_true", help="create the repos private")
+    push.add_argument("--clients", default="none", help="personalized adapters to push: all, none, or ID,ID,...")
+    push.add_argument(
+        "--personalized_repo_id", default=None, help="one repo per client, e.g. ORG/NAME-{client_id} (else branches)"
+    )
+    push.add_argument("--rounds", default="final", help="final (the finished global) or all (every round, tagged)")
+    push.add_argument("--base_repo_id", default=None, help="repo for a base model not on the Hub (default REPO-base)")
+    push.add_argument("--yes", action="store_true", help="push without asking for confirmation")
+    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    push.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    push.set_defaults(handler=_push)
     return parser
 
 

@@ -105,7 +105,21 @@ class FederatedMoEConfig(SFTConfig):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start over when output_dir already holds a run (else: error or --resume)."}
     )
-    push_to_hub_repo: str | None = field(default=None, metadata={"help": "Hub repo to publish adapters to."})
+    # --- publishing (TrainingArguments' own push_to_hub, hub_model_id, hub_private_repo, hub_strategy, hub_token
+    # publish the federation's adapters, never a client's local round; see hf_fcmoe/hub/)
+    hub_push_clients: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Personalized adapters to push with push_to_hub: client ids, or ['all']; default none "
+            "(they are client knowledge)."
+        },
+    )
+    hub_personalized_repo_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Push each personalized adapter to its own repo, e.g. 'org/name-{client_id}' (else: a branch)"
+        },
+    )
     # --- local training: TRL turns recomputation on by default, under transformers' current name (setting
     # the deprecated `gradient_checkpointing` alias made transformers warn on every config, i.e. every run)
     activation_checkpointing: bool | None = field(
@@ -148,7 +162,25 @@ class FederatedMoEConfig(SFTConfig):
             raise ValueError(f"unknown engine {self.engine!r}; available: simulation, flower")
         if self.retention_lambda < 0:
             raise ValueError(f"retention_lambda must be >= 0, got {self.retention_lambda}")
+        self._validate_hub()
         check_run_settings(self)  # every other value, before a run writes anything (config_checks.py)
+
+    def _validate_hub(self) -> None:
+        if not self.push_to_hub:
+            return
+        strategy = getattr(self.hub_strategy, "value", self.hub_strategy)
+        if strategy not in ("end", "every_save"):
+            raise ValueError(
+                f"hub_strategy {strategy!r} is not supported by a federation: use 'end' (after the last round) or "
+                "'every_save' (after every round, tagged round-<t>)"
+            )
+        if not self.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id (the Hub repo ORG/NAME of the global adapter)")
+        from hf_fcmoe.hub.plan import check_repo_id, personalized_repo
+
+        check_repo_id(self.hub_model_id, "hub_model_id")
+        if self.hub_personalized_repo_id:
+            personalized_repo(self.hub_personalized_repo_id, "x")
 
     @property
     def sampled_per_round(self) -> int:

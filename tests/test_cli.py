@@ -34,6 +34,7 @@ def test_simulate_prints_where_adapters_are(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"global adapter:        {out / 'global'}" in printed
     assert "personalized adapters:" in printed and (out / "personalized" / "client_000").exists()
+    assert f"share it on the Hub:   hf-fcmoe push {out} --repo_id YOUR_NAME/cli-run" in printed  # the next command
 
 
 def test_unknown_key_is_a_clear_error(capsys):

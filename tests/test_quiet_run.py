@@ -8,9 +8,7 @@ import warnings
 from hf_fcmoe.federation.simulation import run_simulation
 
 # Raised by a dependency for a reason another open change removes; delete the entry when it lands.
-KNOWN = {
-    "base_model_name_or_path` was renamed": "PEFT rewrites an absolute base path: portable run dirs (hub engineer)",
-}
+KNOWN: dict[str, str] = {}
 
 
 def _unexpected(messages: list[str]) -> list[str]:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
 
+from hf_fcmoe.adapters.loading import load_adapter_model
 from hf_fcmoe.data.federated import load_federated_data
 from hf_fcmoe.federation.client import ClientWorker
 from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights
@@ -70,7 +70,7 @@ def test_saved_adapters_load_alone_and_reproduce_eval_loss(finished_run):
         (result.global_dir, "global_eval_loss_per_client"),
         (result.personalized_dirs["client_001"], "local_eval_loss_per_client"),
     ]:
-        model = AutoPeftModelForCausalLM.from_pretrained(str(folder))  # nothing else given
+        model = load_adapter_model(folder)  # nothing else given: the base is found next to the adapter
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         worker = ClientWorker(model, tokenizer, config)
         splits = worker.prepare(data.train["client_001"], data.eval["client_001"])

@@ -86,8 +86,14 @@ def _get_peft_model(model, lora_config: LoraConfig) -> PeftModel:
 
 
 def apply_expert_lora(model, lora_config: LoraConfig) -> PeftModel:
-    """Wrap `model` with the per-expert LoRA adapter."""
+    """Wrap `model` with the per-expert LoRA adapter.
+
+    PEFT replaces the config's `base_model_name_or_path` with the model's own `name_or_path` (and warns
+    when they differ); a model built in code has none, so it takes the name the config gives it.
+    """
     get_family(model.config)
+    if lora_config.base_model_name_or_path and not model.__dict__.get("name_or_path"):
+        model.name_or_path = lora_config.base_model_name_or_path
     return _get_peft_model(model, lora_config)
 
 

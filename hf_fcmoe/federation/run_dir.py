@@ -7,6 +7,7 @@ never overwrites a completed one.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -27,10 +28,25 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def portable_lora_config(lora_config: LoraConfig, folder: Path) -> LoraConfig:
+    """`lora_config` as saved in `folder`: a local base model is named relative to the folder, never absolutely.
+
+    A run directory must load from wherever it is copied (issue 15), so an absolute path to a local base
+    (`<run>/base_model` of a tiny model) becomes e.g. ``../base_model``; `hf_fcmoe.load_adapter_model`
+    resolves it against the adapter folder (PEFT itself would resolve it against the working directory).
+    """
+    base = lora_config.base_model_name_or_path
+    if not base or not os.path.isabs(base):
+        return lora_config
+    portable = copy.copy(lora_config)
+    portable.base_model_name_or_path = os.path.relpath(base, Path(folder).resolve()).replace(os.sep, "/")
+    return portable
+
+
 def save_adapter_folder(path: Path, state: State, lora_config: LoraConfig, tokenizer=None) -> None:
     """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), loadable by from_pretrained."""
     path.mkdir(parents=True, exist_ok=True)
-    lora_config.save_pretrained(str(path))
+    portable_lora_config(lora_config, path).save_pretrained(str(path))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / ADAPTER_WEIGHTS))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))

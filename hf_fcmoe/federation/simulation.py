@@ -32,6 +32,7 @@ from hf_fcmoe.data.federated import FederatedData, load_federated_data
 from hf_fcmoe.federation.client import ClientWorker, PreparedSplits, round_seed
 from hf_fcmoe.federation.round_metrics import evaluate_round, state_nbytes
 from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights, save_adapter_folder
+from hf_fcmoe.hub.recipe import check_publishing, publish_round, publish_run
 from hf_fcmoe.models.families import get_family
 from hf_fcmoe.models.loading import is_tiny, load_base_model, save_base_model
 from hf_fcmoe.models.preflight import check_run
@@ -120,6 +121,7 @@ class FederatedSimulation:
         self.quiet = not (progress and self.process.is_main_process)  # progress bars on the main process only
         self._check_output_dir()
         check_run(config)  # launch, MoE family, LoRA targets, weights present: from configs, before data or weights
+        check_publishing(config)
         # Everything that can fail on bad input happens here, before any training.
         self.data = load_federated_data(config.data_spec())
         _check_data(self.data)
@@ -267,6 +269,7 @@ class FederatedSimulation:
             self.residuals.update(self._new_residuals(result))
             row = self._evaluate(round_index, global_state, result, updates, time.perf_counter() - started)
             self._checkpoint(round_index, global_state, updates, row)
+            self._on_main_process(lambda t=round_index: publish_round(self.config, self.run_dir.root, t))
             rounds.set_postfix(
                 global_loss=f"{row['global_eval_loss']:.4f}", local_loss=f"{row['local_eval_loss']:.4f}"
             )
@@ -346,6 +349,7 @@ class FederatedSimulation:
             for cid, path in personalized_dirs.items():
                 save_adapter_folder(path, self.personalized_state(global_state, cid), self.lora_config, self.tokenizer)
             write_run_report(root, metrics, self.data.label_counts)
+            publish_run(self.config, root)
 
         self._on_main_process(write_final)
         self.tracker.finish()
