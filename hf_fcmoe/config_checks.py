@@ -50,9 +50,11 @@ def check_model_and_adapter(config) -> None:
     if "experts" not in config.lora_targets:
         raise ValueError("lora_targets must include 'experts' (the per-expert adapters are what is federated)")
     if config.model_name_or_path.startswith(TINY_PREFIX):
-        from hf_fcmoe.models.families import FAMILIES
+        from hf_fcmoe.models.discovery import moe_model_types
 
-        _one_of("tiny model type", config.model_name_or_path[len(TINY_PREFIX) :], list(FAMILIES))
+        # the cheap list (read off transformers' modeling sources): discovering every family's layout here would
+        # build dozens of meta models on every config; the chosen family itself is discovered when the run loads it
+        _one_of("tiny model type", config.model_name_or_path[len(TINY_PREFIX) :], moe_model_types())
     if config.tiny_num_experts is not None and config.tiny_num_experts < 2:
         raise ValueError(f"tiny_num_experts must be >= 2, got {config.tiny_num_experts}")
 
