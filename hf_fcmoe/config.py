@@ -20,6 +20,7 @@ from trl import SFTConfig
 
 from hf_fcmoe.adapters.lora import TARGET_CHOICES
 from hf_fcmoe.data.federated import DataSpec
+from hf_fcmoe.training.expert_lora import EXPERT_LORA_FORWARDS
 
 T = TypeVar("T")
 
@@ -108,6 +109,15 @@ class FederatedMoEConfig(SFTConfig):
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
     )
+    # --- expert LoRA forward
+    expert_lora_forward: str = field(
+        default="routed",
+        metadata={
+            "help": "How LoRA on fused experts runs: 'routed' applies each expert's adapter to its routed tokens "
+            "only (same PEFT adapter, no weight-sized tensors; falls back to 'peft' with one log line where it "
+            "cannot be exact), 'peft' uses PEFT's ParamWrapper (materialises W + delta per expert every step)."
+        },
+    )
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -131,6 +141,10 @@ class FederatedMoEConfig(SFTConfig):
             raise ValueError(f"unknown engine {self.engine!r}; available: simulation, flower")
         if self.retention_lambda < 0:
             raise ValueError(f"retention_lambda must be >= 0, got {self.retention_lambda}")
+        if self.expert_lora_forward not in EXPERT_LORA_FORWARDS:
+            raise ValueError(
+                f"expert_lora_forward={self.expert_lora_forward!r}; choose from {list(EXPERT_LORA_FORWARDS)}"
+            )
 
     @property
     def sampled_per_round(self) -> int:
