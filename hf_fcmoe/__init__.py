@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "UpdateRejected": "hf_fcmoe.aggregation",
     "ExpertUsageCallback": "hf_fcmoe.training.callbacks",
     "FederatedMoETrainer": "hf_fcmoe.training.trainer",
+    "configure_expert_lora_forward": "hf_fcmoe.training.expert_lora",
     "FederatedMoEConfig": "hf_fcmoe.config",
     "load_config": "hf_fcmoe.config",
     "SimulationResult": "hf_fcmoe.federation.simulation",
@@ -52,6 +53,7 @@ __all__ = [
     "apply_expert_lora",
     "build_lora_config",
     "build_tiny_moe",
+    "configure_expert_lora_forward",
     "expert_layout_from_configs",
     "expert_layout_from_peft_model",
     "get_family",
@@ -86,4 +88,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hf_fcmoe.federation.simulation import SimulationResult, run_simulation
     from hf_fcmoe.models.families import FAMILIES, MoEFamily, build_tiny_moe, get_family
     from hf_fcmoe.training.callbacks import ExpertUsageCallback
+    from hf_fcmoe.training.expert_lora import configure_expert_lora_forward
     from hf_fcmoe.training.trainer import FederatedMoETrainer

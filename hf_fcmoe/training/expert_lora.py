@@ -197,6 +197,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
         param = wrapper.get_param()
         if hasattr(param, "ds_shape"):
             return f"{kind} weights are partitioned (DeepSpeed ZeRO-3)"
+        if type(param) not in (torch.Tensor, nn.Parameter):
+            return f"{kind}.{wrapper.parameter_name} is a {type(param).__name__} (a sharded or quantized tensor)"
         if param.dtype not in _FLOAT_DTYPES:
             return f"{kind}.{wrapper.parameter_name} is stored as {param.dtype} (quantized)"
         if getattr(experts, "_is_expert_parallel", False):
