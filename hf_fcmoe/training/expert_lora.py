@@ -57,11 +57,17 @@ def _uses_grouped_mm(module: nn.Module, weight: torch.Tensor) -> bool:
     return base == "grouped_mm" and weight.device.type == "cpu" and hasattr(torch.nn.functional, "grouped_mm")
 
 
+def _aligned(tensor: torch.Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned data and strides (a rank-4 bf16 row is 8 bytes)."""
+    size = tensor.element_size()
+    return tensor.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in tensor.stride() if s != 1)
+
+
 def _grouped_matmul(
     x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, segments: list[tuple[int, int, int]], grouped: bool
 ) -> torch.Tensor:
     """Rows of `x` sorted by expert times that expert's (in, out) matrix: weight is (E, in, out)."""
-    if grouped:
+    if grouped and _aligned(x) and _aligned(weight):
         return torch.nn.functional.grouped_mm(x, weight, offs=offsets)
     return torch.cat([x[start:end] @ weight[expert] for expert, start, end in segments])
 
@@ -79,16 +85,17 @@ def _expert_projection(
     weight = getattr(module, name)  # (E, out, in), or (E, in, out) when the family stores it transposed
     grouped = _uses_grouped_mm(module, weight)
     x = x.to(weight.dtype)
+    # a fresh tensor no backward needs: accumulating into it in place keeps one (rows, out) buffer per projection
     out = _grouped_matmul(x, weight if module.is_transposed else weight.transpose(1, 2), offsets, segments, grouped)
     if module.has_bias:
-        out = out + getattr(module, f"{name}_bias")[expert_ids]
+        out.add_(getattr(module, f"{name}_bias")[expert_ids])
     num_experts = weight.shape[0]
     for lora_a, lora_b, scaling in factors:
         # A (E*r, in): expert e = rows e*r:(e+1)*r -> (E, in, r); B (out, E*r): expert e = columns e::E -> (E, r, out)
         a = lora_a.to(weight.dtype).reshape(num_experts, -1, lora_a.shape[-1]).transpose(1, 2)
-        b = lora_b.to(weight.dtype).reshape(lora_b.shape[0], -1, num_experts).permute(2, 1, 0).contiguous()
+        b = lora_b.to(weight.dtype).reshape(lora_b.shape[0], -1, num_experts).permute(2, 1, 0) * scaling
         low_rank = _grouped_matmul(x, a, offsets, segments, grouped)
-        out = out + scaling * _grouped_matmul(low_rank, b, offsets, segments, grouped)
+        out.add_(_grouped_matmul(low_rank, b.contiguous(), offsets, segments, grouped))
     return out
 
 
