@@ -300,6 +300,17 @@ def test_uncovered_implementation_falls_back_with_one_log_line(caplog):
     assert model.get_base_model().config._experts_implementation == "batched_mm" and not is_routed(model)
 
 
+def test_lora_on_an_expert_bias_falls_back_with_one_log_line(caplog):
+    base = _base("gpt_oss")
+    parameters = ["mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj"]
+    model = get_peft_model(base, LoraConfig(r=4, target_parameters=parameters))
+    with caplog.at_level(logging.INFO, logger=expert_lora.__name__):
+        assert not configure_expert_lora_forward(model, "routed")
+    (record,) = [r for r in caplog.records if r.name == expert_lora.__name__]
+    assert "GptOssExperts.gate_up_proj_bias" in record.getMessage()
+    assert not is_routed(model) and model.get_base_model().config._experts_implementation == "grouped_mm"
+
+
 def test_peft_mode_and_attention_only_models_log_nothing(caplog):
     model = _peft_model("mixtral")
     base = _base("mixtral")
@@ -382,3 +393,14 @@ def test_client_round_under_accelerate_ddp_two_cpu_processes(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2 and result["routed_active"] == [True, True]
     assert result["counts_equal"] and result["max_state_diff"] < 1e-4 and result["counts_total"] > 0
+
+
+@pytest.mark.slow
+def test_benchmark_script_small_run(tmp_path):
+    """Plumbing of benchmarks/expert_lora.py on a tiny size (no timing asserted)."""
+    output = tmp_path / "expert_lora.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "expert_lora.py"), "--sizes", "64x128", "--repeats", "1"]
+    cmd += ["--steps", "1", "--warmup", "0", "--output", str(output)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    rows = [line for line in output.read_text().splitlines() if line.startswith("| 64 / 128 |")]
+    assert len(rows) == 1 and all(float(cell) > 0 for cell in rows[0].split("|")[2:5])
