@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -151,6 +152,13 @@ def _bench_sizes(args, lines: list[str]) -> None:
             f"{step_mib['attention']:.0f} / {step_mib['peft']:.0f} / {step_mib['routed']:.0f} |"
         )
         print(lines[-1], flush=True)
+        _write(args.output, lines)  # row by row: an interrupted run keeps what it measured
+
+
+def _write(output: Path | None, lines: list[str]) -> None:
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text("\n".join(lines) + "\n")
 
 
 def _bench_demo(args, lines: list[str]) -> None:
@@ -161,19 +169,25 @@ def _bench_demo(args, lines: list[str]) -> None:
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
     walls: dict[str, list[float]] = {"routed": [], "peft": []}
+    cpus: dict[str, list[float]] = {"routed": [], "peft": []}
     for _ in range(args.demo_repeats):
         for mode in walls:
             with tempfile.TemporaryDirectory(prefix="bench_demo_") as out:
                 cmd = [sys.executable, "-m", "hf_fcmoe.cli", "simulate", "--config", str(ROOT / args.demo_recipe)]
                 cmd += ["--output_dir", out, "--overwrite_output_dir", "true", "--expert_lora_forward", mode]
-                start = time.perf_counter()
+                start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
                 subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 walls[mode].append(time.perf_counter() - start)
-    routed, peft = (statistics.median(walls[m]) for m in ("routed", "peft"))
+                cpus[mode].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    wall, cpu = ({m: statistics.median(v[m]) for m in v} for v in (walls, cpus))
     lines.append("")
     lines.append(
-        f"Demo `{args.demo_recipe}` wall time (whole CLI run, median of {args.demo_repeats}, alternating, "
-        f"OMP_NUM_THREADS=1): peft {peft:.1f} s, routed {routed:.1f} s, peft/routed {peft / routed:.2f}x"
+        f"Demo `{args.demo_recipe}` (whole CLI run, median of {args.demo_repeats}, alternating, OMP_NUM_THREADS=1): "
+        + "; ".join(
+            f"{what} peft {v['peft']:.1f} s, routed {v['routed']:.1f} s (peft/routed {v['peft'] / v['routed']:.2f}x)"
+            for what, v in (("wall", wall), ("CPU", cpu))
+        )
     )
     print(lines[-1], flush=True)
 
@@ -205,9 +219,7 @@ def main() -> None:
         _bench_demo(args, lines)
     lines += ["", f"load after: {_uptime()}"]
     print(lines[-1])
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text("\n".join(lines) + "\n")
+    _write(args.output, lines)
 
 
 if __name__ == "__main__":
