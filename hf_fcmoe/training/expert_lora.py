@@ -108,6 +108,8 @@ def routed_lora_experts_forward(
     (`_lora_factors`); called without them (no adapter, adapters disabled or merged) it is the plain experts.
     """
     num_tokens, top_k = top_k_index.shape[0], top_k_index.shape[-1]
+    if top_k_index.numel() == 0:
+        return torch.zeros_like(hidden_states)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
     rows = hidden_states[perm // top_k]
     counts = torch.bincount(expert_ids, minlength=self.num_experts)
