@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "UpdateRejected": "hf_fcmoe.aggregation",
     "ExpertUsageCallback": "hf_fcmoe.training.callbacks",
     "FederatedMoETrainer": "hf_fcmoe.training.trainer",
+    "configure_expert_lora_forward": "hf_fcmoe.training.expert_lora",
     "FederatedMoEConfig": "hf_fcmoe.config",
     "load_config": "hf_fcmoe.config",
     "SimulationResult": "hf_fcmoe.federation.simulation",
@@ -54,6 +55,7 @@ __all__ = [
     "apply_expert_lora",
     "build_lora_config",
     "build_tiny_moe",
+    "configure_expert_lora_forward",
     "expert_layout_from_configs",
     "expert_layout_from_peft_model",
     "get_family",
@@ -92,4 +94,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hf_fcmoe.hub.publisher import push_run
     from hf_fcmoe.models.families import FAMILIES, MoEFamily, build_tiny_moe, get_family
     from hf_fcmoe.training.callbacks import ExpertUsageCallback
+    from hf_fcmoe.training.expert_lora import configure_expert_lora_forward
     from hf_fcmoe.training.trainer import FederatedMoETrainer

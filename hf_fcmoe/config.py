@@ -24,6 +24,7 @@ from hf_fcmoe.aggregation.options import METHODS
 from hf_fcmoe.config_checks import check_run_settings
 from hf_fcmoe.config_fields import check_known_keys, check_value_types, read_yaml_mapping
 from hf_fcmoe.data.federated import DataSpec
+from hf_fcmoe.training.expert_lora import EXPERT_LORA_FORWARDS
 
 T = TypeVar("T")
 
@@ -129,6 +130,15 @@ class FederatedMoEConfig(SFTConfig):
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
     )
+    # --- expert LoRA forward
+    expert_lora_forward: str = field(
+        default="routed",
+        metadata={
+            "help": "How LoRA on fused experts runs: 'routed' applies each expert's adapter to its routed tokens "
+            "only (same PEFT adapter, no weight-sized tensors; falls back to 'peft' with one log line where it "
+            "cannot be exact), 'peft' uses PEFT's ParamWrapper (materialises W + delta per expert every step)."
+        },
+    )
 
     def __post_init__(self):
         # --- launch: CPU runs under `accelerate launch` (cpu.yaml, multi_cpu.yaml) train as gloo DDP ranks without
@@ -162,6 +172,10 @@ class FederatedMoEConfig(SFTConfig):
             raise ValueError(f"unknown engine {self.engine!r}; available: simulation, flower")
         if self.retention_lambda < 0:
             raise ValueError(f"retention_lambda must be >= 0, got {self.retention_lambda}")
+        if self.expert_lora_forward not in EXPERT_LORA_FORWARDS:
+            raise ValueError(
+                f"expert_lora_forward={self.expert_lora_forward!r}; choose from {list(EXPERT_LORA_FORWARDS)}"
+            )
         self._validate_hub()
         check_run_settings(self)  # every other value, before a run writes anything (config_checks.py)
 

@@ -22,6 +22,7 @@ from trl import SFTTrainer
 from hf_fcmoe.aggregation.types import ClientUpdate, State
 from hf_fcmoe.models.families import assert_moe_model
 from hf_fcmoe.training.callbacks import ExpertUsageCallback
+from hf_fcmoe.training.expert_lora import configure_expert_lora_forward
 
 
 def adapter_state(model: PeftModel) -> State:
@@ -46,6 +47,7 @@ class FederatedMoETrainer(SFTTrainer):
         retained: the client's retained residual scaled by lambda (already in ``start_state``); it is
             subtracted from the trained state before reporting.
     `args.proximal_mu` (a `FederatedMoEConfig` field; 0 for a plain SFTConfig) turns on FedProx.
+    `args.expert_lora_forward` ("routed" unless set) picks the expert LoRA forward (training/expert_lora.py).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class FederatedMoETrainer(SFTTrainer):
         self.retained = retained
         self.usage = ExpertUsageCallback()
         super().__init__(model, *args, callbacks=[self.usage, *(callbacks or [])], **kwargs)
+        configure_expert_lora_forward(model, getattr(self.args, "expert_lora_forward", "routed"))
         self.proximal_mu = float(getattr(self.args, "proximal_mu", 0.0) or 0.0)
         self._anchor = {
             name: param.detach().clone() for name, param in self.model.named_parameters() if param.requires_grad
