@@ -220,7 +220,7 @@ def partition_valid(
     """
     accepted: list[ClientUpdate] = []
     rejected: dict[str, str] = {}
-    ids = [_key(getattr(u, "client_id", None)) for u in updates]
+    ids = [rejection_key(getattr(u, "client_id", None)) for u in updates]
     duplicated = {cid for cid in ids if ids.count(cid) > 1}
     for update, key in zip(updates, ids):
         if key in duplicated:
@@ -239,7 +239,7 @@ def partition_valid(
     return accepted, rejected
 
 
-def _key(client_id: object) -> str:
+def rejection_key(client_id: object) -> str:
     """The diagnostics key of a client: its id when it is safe, else its escaped repr."""
     return client_id if client_id_problem(client_id) is None else _shown(client_id)
 
