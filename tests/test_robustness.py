@@ -284,3 +284,30 @@ def test_epsilon_comes_from_opacus_rdp_and_grows_with_rounds():
     row = dp_metrics(config, lambda t: ["a", "b"] if t % 2 else ["a"], 5)
     assert row["dp_epsilon"] == pytest.approx(five) and row["dp_epsilon_round"] == pytest.approx(one)
     json.dumps(row)
+
+
+# ----------------------------------------------------------------- end to end in the simulation
+def test_simulation_drops_a_crashing_client_and_reports_dp_epsilon(tiny_run_config):
+    """One tiny run: a client whose local round raises is dropped with its reason, the others aggregate under
+    client-side DP, and metrics carry epsilon; the hub state is never pickled."""
+    pytest.importorskip("opacus")
+    from hf_fcmoe.federation.simulation import FederatedSimulation
+
+    config = tiny_run_config("faulty", num_rounds=1, dp_noise_multiplier=1.0, dp_clip_norm=1.0)
+    simulation = FederatedSimulation(config, progress=False)
+    real_train = simulation.worker.train
+
+    def train(client_id, *args, **kwargs):
+        if client_id == "client_001":
+            raise RuntimeError("disk full")
+        return real_train(client_id, *args, **kwargs)
+
+    simulation.worker.train = train
+    result = simulation.run()
+    row = result.metrics[-1]
+    assert row["dropped"] == {"client_001": "local round raised RuntimeError: disk full"}
+    assert row["clients"] == ["client_000", "client_002"] and row["rejected"] == {}
+    assert row["dp_epsilon"] == pytest.approx(row["dp_epsilon_round"]) and row["dp_epsilon"] > 0
+    round_dir = result.output_dir / "rounds" / "1"
+    assert (round_dir / "manifest.json").exists() and not list(round_dir.rglob("*.pt"))
+    assert simulation.hub.declared_sizes.keys() == {"client_000", "client_001", "client_002"}
