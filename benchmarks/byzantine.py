@@ -31,13 +31,15 @@ from hf_fcmoe.federation.simulation import FederatedSimulation
 ROOT = Path(__file__).resolve().parents[1]
 ATTACKER = "client_000"
 ATTACKS = ("scale100", "noise", "signflip")
-VARIANTS = {
-    "fedavg": ("fedavg", {}),
-    "fedavg + median": ("fedavg", {"robust_aggregator": "median"}),
-    "fcmoe (default: norm_clip 2)": ("fcmoe", {}),
-    "fcmoe + krum": ("fcmoe", {"robust_aggregator": "krum"}),
+VARIANTS = {  # key: (row name, method, aggregation options)
+    "fedavg": ("fedavg", "fedavg", {}),
+    "fedavg_median": ("fedavg + median", "fedavg", {"robust_aggregator": "median"}),
+    "fcmoe": ("fcmoe (default: norm_clip 2)", "fcmoe", {}),
+    "fcmoe_krum": ("fcmoe + krum", "fcmoe", {"robust_aggregator": "krum"}),
+    "fcmoe_noclip": ("fcmoe, norm_clip off (before issue 12)", "fcmoe", {"norm_clip": None}),
+    "fcmoe_clip1": ("fcmoe, norm_clip 1", "fcmoe", {"norm_clip": 1.0}),
 }
-BEFORE = {"fcmoe, norm_clip off (before issue 12)": ("fcmoe", {"norm_clip": None})}
+DEFAULT_VARIANTS = "fedavg,fedavg_median,fcmoe,fcmoe_krum,fcmoe_noclip"
 
 
 def attacked_state(state: dict, global_state: dict, attack: str, seed: int) -> dict:
@@ -70,7 +72,7 @@ class AttackedSimulation(FederatedSimulation):
         return replace(update, state=attacked_state(update.state, global_state, self.attack, round_index))
 
 
-def run(method: str, options: dict, attack: str | None, args, scratch: Path) -> float:
+def run(method: str, options: dict, attack: str | None, args, scratch: Path, initial: list | None = None) -> float:
     overrides = {
         "output_dir": str(scratch / f"{method}-{'-'.join(map(str, options.values()))}-{attack}"),
         "num_clients": 5,
@@ -84,29 +86,32 @@ def run(method: str, options: dict, attack: str | None, args, scratch: Path) -> 
     config = load_config(ROOT / "recipes" / "tiny" / "fcmoe.yaml", overrides)
     sim = AttackedSimulation(config, progress=False)
     sim.attack = attack
-    return float(sim.run().metrics[-1]["global_eval_loss"])
+    metrics = sim.run().metrics
+    if initial is not None:
+        initial.append(metrics[0]["global_eval_loss"])
+    return float(metrics[-1]["global_eval_loss"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--with-before", action="store_true", help="also fcmoe without norm clipping")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"rows, from {', '.join(VARIANTS)}")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "byzantine.md"))
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench_byzantine_"))
     started = time.perf_counter()
-    rows = []
-    variants = {**VARIANTS, **(BEFORE if args.with_before else {})}
-    for name, (method, options) in variants.items():
-        clean = run(method, options, None, args, scratch)
+    rows, initial = [], []
+    for key in args.variants.split(","):
+        name, method, options = VARIANTS[key]
+        clean = run(method, options, None, args, scratch, initial)
         losses = {attack: run(method, options, attack, args, scratch) for attack in ATTACKS}
         cells = " | ".join(f"{losses[a]:.4f} ({100 * (losses[a] / clean - 1):+.1f}%)" for a in ATTACKS)
         rows.append(f"| {name} | {clean:.4f} | {cells} |")
         print(rows[-1], flush=True)
     minutes = (time.perf_counter() - started) / 60
     command = f"python benchmarks/byzantine.py --rounds {args.rounds} --steps {args.steps}"
-    command += " --with-before" if args.with_before else ""
+    command += f" --variants {args.variants}" if args.variants != DEFAULT_VARIANTS else ""
     lines = [
         "# Byzantine clients: 1 of 5 attacks (tiny recipe)",
         "",
@@ -114,6 +119,7 @@ def main() -> None:
         f"x {args.steps} local steps. Final global eval loss; in brackets the change against the same method's",
         "clean run (every client honest). Attacker `client_000` sends g + 100 d (scale100), g + noise of",
         "100 x ||d|| (noise) or g - d (signflip), d being its honest delta.",
+        f"Global eval loss before training (round 0, every run): {initial[0]:.4f}.",
         "",
         "| method | clean | scale100 | noise | signflip |",
         "|---|---|---|---|---|",

@@ -37,7 +37,7 @@ def run(sigma: float | None, args, scratch: Path) -> tuple[dict, list[float]]:
         json.loads(p.read_text()).get("dp_update_norm")
         for p in sorted((result.output_dir / "rounds").glob("*/clients/*/stats.json"))
     ]
-    return result.metrics[-1], [n for n in norms if n is not None]
+    return {**result.metrics[-1], "initial": result.metrics[0]["global_eval_loss"]}, [n for n in norms if n]
 
 
 def main() -> None:
@@ -71,6 +71,7 @@ def main() -> None:
         f"{args.clip:g} and adds Gaussian noise sigma x {args.clip:g} per coordinate; client-level epsilon at",
         "delta 1e-5 from Opacus' RDP accountant, sampling rate 1. The last column is the median L2 norm of the",
         "clients' updates before clipping.",
+        f"Global eval loss before training (round 0): {base['initial']:.4f}.",
         "",
         "| run | eps per round | eps total | global eval loss (vs no DP) | personalized eval loss | update norm |",
         "|---|---|---|---|---|---|",
