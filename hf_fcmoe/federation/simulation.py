@@ -301,8 +301,8 @@ class FederatedSimulation:
         for key in ("conflict_rate", "conflict_rate_per_layer", "conflicts", "rejected", "dropped", "clipped"):
             if key in diagnostics:
                 row[key] = diagnostics[key]
-        sampled = lambda t: sample_clients(self.data.client_ids, self.config.sampled_per_round, self.config.seed, t)  # noqa: E731
-        row.update(dp_metrics(self.config, sampled, round_index))
+        sampled = partial(sample_clients, self.data.client_ids, self.config.sampled_per_round, self.config.seed)
+        row.update(dp_metrics(self.config, sampled, round_index))  # epsilon from who took part in rounds 1..t
         return row
 
     def _checkpoint(self, round_index: int, global_state: State, updates: list[ClientUpdate], row: dict) -> None:
