@@ -1,7 +1,8 @@
 """The aggregation hub: validates client updates and dispatches one aggregation method per round.
 
 The only module here that knows `ClientUpdate` and `ExpertLayout`. The pieces, one job each:
-`options` (methods, defaults, validation), `validation` (bad updates), `blocks` (the per-expert-block path,
+`options` (methods, defaults, validation), `validation` (bad updates), `robust` (norm clipping, Krum, median:
+malicious updates), `blocks` (the per-expert-block path,
 factor and exact), `streaming` (chunked kernels over the clients' factors), `ties_pair` (the dense TIES path),
 `outputs` (personalized states, weights, diagnostics) and the pure math in weighting, projection, lowrank,
 ties, server_opt and fedavg.
