@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "AggregationResult": "hf_fcmoe.aggregation",
     "ClientUpdate": "hf_fcmoe.aggregation",
     "UpdateRejected": "hf_fcmoe.aggregation",
+    "check_client_id": "hf_fcmoe.aggregation",
+    "update_fingerprint": "hf_fcmoe.aggregation",
     "ExpertUsageCallback": "hf_fcmoe.training.callbacks",
     "FederatedMoETrainer": "hf_fcmoe.training.trainer",
     "configure_expert_lora_forward": "hf_fcmoe.training.expert_lora",
@@ -55,6 +57,7 @@ __all__ = [
     "apply_expert_lora",
     "build_lora_config",
     "build_tiny_moe",
+    "check_client_id",
     "configure_expert_lora_forward",
     "expert_layout_from_configs",
     "expert_layout_from_peft_model",
@@ -63,6 +66,7 @@ __all__ = [
     "load_config",
     "push_run",
     "run_simulation",
+    "update_fingerprint",
 ]
 
 
@@ -88,7 +92,14 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         expert_layout_from_configs,
         expert_layout_from_peft_model,
     )
-    from hf_fcmoe.aggregation import AggregationHub, AggregationResult, ClientUpdate, UpdateRejected
+    from hf_fcmoe.aggregation import (
+        AggregationHub,
+        AggregationResult,
+        ClientUpdate,
+        UpdateRejected,
+        check_client_id,
+        update_fingerprint,
+    )
     from hf_fcmoe.config import FederatedMoEConfig, load_config
     from hf_fcmoe.federation.simulation import SimulationResult, run_simulation
     from hf_fcmoe.hub.publisher import push_run

@@ -121,6 +121,26 @@ class FederatedMoEConfig(SFTConfig):
             "help": "Push each personalized adapter to its own repo, e.g. 'org/name-{client_id}' (else: a branch)"
         },
     )
+    # --- reliability and privacy (hf_fcmoe.federation.faults, hf_fcmoe.federation.privacy)
+    max_client_examples: int | None = field(
+        default=None, metadata={"help": "Cap on the num_examples any client may claim (besides its declared size)."}
+    )
+    client_round_timeout: float | None = field(
+        default=None,
+        metadata={"help": "Seconds a client's local round may take; checked at each step end, then it is dropped."},
+    )
+    min_clients_per_round: int = field(
+        default=1, metadata={"help": "Fewest clients that must finish (and be accepted) for a round to count."}
+    )
+    on_too_few_clients: str = field(
+        default="stop", metadata={"help": "Below min_clients_per_round: 'retry' the failed clients, or 'stop'."}
+    )
+    round_retries: int = field(default=2, metadata={"help": "Retries of failed clients (on_too_few_clients=retry)."})
+    dp_noise_multiplier: float | None = field(
+        default=None, metadata={"help": "Client-side DP: Gaussian noise std / dp_clip_norm (None: no DP)."}
+    )
+    dp_clip_norm: float = field(default=1.0, metadata={"help": "Client-side DP: L2 clip of each client's update."})
+    dp_delta: float = field(default=1e-5, metadata={"help": "Client-side DP: the delta of the reported epsilon."})
     # --- local training: TRL turns recomputation on by default, under transformers' current name (setting
     # the deprecated `gradient_checkpointing` alias made transformers warn on every config, i.e. every run)
     activation_checkpointing: bool | None = field(
@@ -177,6 +197,7 @@ class FederatedMoEConfig(SFTConfig):
                 f"expert_lora_forward={self.expert_lora_forward!r}; choose from {list(EXPERT_LORA_FORWARDS)}"
             )
         self._validate_hub()
+        self._validate_reliability()
         check_run_settings(self)  # every other value, before a run writes anything (config_checks.py)
 
     def _validate_hub(self) -> None:
@@ -195,6 +216,25 @@ class FederatedMoEConfig(SFTConfig):
         check_repo_id(self.hub_model_id, "hub_model_id")
         if self.hub_personalized_repo_id:
             personalized_repo(self.hub_personalized_repo_id, "x")
+
+    def _validate_reliability(self) -> None:
+        if self.max_client_examples is not None and self.max_client_examples <= 0:
+            raise ValueError(f"max_client_examples must be positive or null, got {self.max_client_examples}")
+        if self.client_round_timeout is not None and not self.client_round_timeout > 0:
+            raise ValueError(f"client_round_timeout must be positive seconds or null, got {self.client_round_timeout}")
+        if not 1 <= self.min_clients_per_round <= self.sampled_per_round:
+            raise ValueError(
+                f"min_clients_per_round={self.min_clients_per_round} must be between 1 and the clients sampled "
+                f"per round ({self.sampled_per_round})"
+            )
+        if self.on_too_few_clients not in ("retry", "stop"):
+            raise ValueError(f"on_too_few_clients must be 'retry' or 'stop', got {self.on_too_few_clients!r}")
+        if self.round_retries < 0:
+            raise ValueError(f"round_retries must be >= 0, got {self.round_retries}")
+        if self.dp_noise_multiplier is not None and not self.dp_noise_multiplier > 0:
+            raise ValueError(f"dp_noise_multiplier must be positive or null, got {self.dp_noise_multiplier}")
+        if not self.dp_clip_norm > 0 or not 0 < self.dp_delta < 1:
+            raise ValueError(f"dp_clip_norm must be > 0, dp_delta in (0, 1); got {self.dp_clip_norm}, {self.dp_delta}")
 
     @property
     def sampled_per_round(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hf_fcmoe.aggregation.robust import robust_defaults, validate_robust_options
+
 METHODS = ("fcmoe", "fedavg", "fedprox", "fedadam", "fedyogi", "ties", "dare_ties", "fedgh", "fedmoe", "local")
 
 _LOWRANK = {"lowrank": "factor"}
@@ -33,7 +35,7 @@ def resolve_options(method: str, server_lr: float, options: dict) -> dict:
     """The method's defaults overridden by ``options``; TypeError for unknown names, ValueError for bad values."""
     if method not in METHODS:
         raise ValueError(f"unknown aggregation method {method!r}; available: {', '.join(METHODS)}")
-    allowed = DEFAULTS[method]
+    allowed = {**DEFAULTS[method], **robust_defaults(method)}
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"unknown option(s) for method {method!r}: {unknown}; allowed: {sorted(allowed)}")
@@ -50,4 +52,5 @@ def resolve_options(method: str, server_lr: float, options: dict) -> dict:
         raise ValueError(f"kappa must be positive or None, got {opts['kappa']!r}")
     if not server_lr > 0:
         raise ValueError(f"server_lr must be positive, got {server_lr!r}")
+    validate_robust_options(method, opts)
     return opts

@@ -18,6 +18,8 @@ class ClientUpdate:
         ``adapter_model.safetensors``). A client that started from ``global + lambda * residual``
         reports ``trained - lambda * residual`` so the hub's delta is local progress only.
     expert_counts: routed token counts, (num_layers, num_experts), int64; None when unknown.
+    fingerprint: `update_fingerprint` of the base config, LoRA config and round the client trained from; the hub
+        rejects an update whose fingerprint differs from the one the server announced (None: not sent).
     """
 
     client_id: str
@@ -26,6 +28,7 @@ class ClientUpdate:
     expert_counts: torch.Tensor | None = None
     train_loss: float | None = None
     metrics: dict = field(default_factory=dict)
+    fingerprint: str | None = None
 
 
 @dataclass

@@ -94,9 +94,16 @@ class ClientWorker:
         return PreparedSplits(train=trainer.train_dataset, eval=trainer.eval_dataset)
 
     def train(
-        self, client_id: str, splits: PreparedSplits, start_state: State, seed: int, retained: State | None = None
+        self,
+        client_id: str,
+        splits: PreparedSplits,
+        start_state: State,
+        seed: int,
+        retained: State | None = None,
+        callbacks: list | None = None,
     ) -> ClientUpdate:
-        """One local round from `start_state` (which already includes `retained`, if any)."""
+        """One local round from `start_state` (which already includes `retained`, if any); `callbacks` are extra
+        `TrainerCallback`s (the engine's time limit)."""
         trainer = FederatedMoETrainer(
             self.model,
             args=self.local_args(seed),
@@ -105,6 +112,7 @@ class ClientWorker:
             client_id=client_id,
             start_state=start_state,
             retained=retained,
+            callbacks=callbacks,
         )
         trainer.remove_callback(PrinterCallback)
         return trainer.train_round()

@@ -124,8 +124,11 @@ class RunDirectory:
 
     # --- metrics
     def append_metrics(self, row: dict) -> None:
-        with self.metrics_file.open("a") as handle:
-            handle.write(json.dumps(row, sort_keys=True) + "\n")
+        """Add a row by replacing the file atomically (a crash never leaves half a line)."""
+        old = self.metrics_file.read_text() if self.metrics_file.exists() else ""
+        tmp = self.metrics_file.with_suffix(".jsonl.tmp")
+        tmp.write_text(old + json.dumps(row, sort_keys=True) + "\n")
+        os.replace(tmp, self.metrics_file)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_file.exists():

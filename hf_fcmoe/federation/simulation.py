@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,12 @@ from hf_fcmoe.aggregation import AggregationHub, AggregationResult, ClientUpdate
 from hf_fcmoe.aggregation.types import State
 from hf_fcmoe.config import FederatedMoEConfig
 from hf_fcmoe.data.federated import FederatedData, load_federated_data
+from hf_fcmoe.federation import checkpoint_io
 from hf_fcmoe.federation.client import ClientWorker, PreparedSplits, round_seed
+from hf_fcmoe.federation.faults import check_accepted, collect_round, crash_point
 from hf_fcmoe.federation.round_metrics import evaluate_round, state_nbytes
 from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights, save_adapter_folder
+from hf_fcmoe.federation.safeguards import dp_metrics, enroll_clients, finish_update
 from hf_fcmoe.hub.recipe import check_publishing, publish_round, publish_run
 from hf_fcmoe.models.families import get_family
 from hf_fcmoe.models.loading import is_tiny, load_base_model, save_base_model
@@ -93,7 +97,13 @@ def build_hub(config: FederatedMoEConfig, layout: ExpertLayout) -> AggregationHu
         options.setdefault("retention_lambda", config.retention_lambda)
     if config.aggregation_method == "fedprox" and config.proximal_mu <= 0:
         raise ValueError(f"aggregation_method 'fedprox' needs proximal_mu > 0, got {config.proximal_mu}")
-    return AggregationHub(layout, method=config.aggregation_method, server_lr=config.server_lr, **options)
+    return AggregationHub(
+        layout,
+        method=config.aggregation_method,
+        server_lr=config.server_lr,
+        max_num_examples=config.max_client_examples,
+        **options,
+    )
 
 
 def _check_data(data: FederatedData) -> None:
@@ -141,6 +151,8 @@ class FederatedSimulation:
         self.model = apply_expert_lora(model, self.lora_config)
         self.layout = expert_layout_from_peft_model(self.model)
         self.hub = build_hub(config, self.layout)
+        self.fingerprint_configs = (self.model.get_base_model().config.to_dict(), self.lora_config.to_dict())
+        self.hub.announce(*self.fingerprint_configs)  # every update must come from this base + adapter config
         self.worker = ClientWorker(self.model, self.tokenizer, config)
         self.splits: dict[str, PreparedSplits] = {}
         self.residuals: dict[str, State] = {}
@@ -190,16 +202,19 @@ class FederatedSimulation:
 
     def _restore(self) -> tuple[int, State]:
         state = self.run_dir.read_state()
-        last = int(state["last_round"])
+        # a round is loaded only if its manifest verifies; a corrupt or partial newest round is redone
+        last, problems = checkpoint_io.last_intact_round(self.run_dir.root / "rounds", int(state["last_round"]))
+        if last is None:
+            raise FileNotFoundError(f"--resume: no intact round in {self.run_dir.root} ({problems[0]})")
         self._on_main_process(lambda: self.run_dir.roll_back_to(last))
         round_dir = self.run_dir.round_dir(last)
         global_state = load_adapter_weights(round_dir / "global")
         residual_dir = round_dir / "residuals"
         if residual_dir.exists():
             self.residuals = {p.stem: self.run_dir.load_tensors(p) for p in sorted(residual_dir.glob("*.safetensors"))}
-        hub_state = round_dir / "hub_state.pt"
-        if hub_state.exists():
-            self.hub.load_state_dict(torch.load(hub_state, weights_only=True))
+        hub_state = checkpoint_io.load_hub_state(round_dir)  # safetensors + JSON, never pickle
+        if hub_state is not None:
+            self.hub.load_state_dict(hub_state)
         return last, global_state
 
     def _start(self) -> tuple[int, State]:
@@ -225,6 +240,8 @@ class FederatedSimulation:
                 "to keep all of it)"
             )
         last, global_state = self._restore() if self.resume else self._start()
+        rows = {cid: len(split.train) for cid, split in self.splits.items()}
+        enroll_clients(self.hub, self.config, rows, self.layout.top_k, self.process.num_processes)
         # Trainer.train() ends every local round with accelerate's free_memory(), a full gc.collect(); with the
         # model, datasets and tokenizer in memory that walk took ~0.16 s per client round (a quarter of a tiny
         # run). Objects alive now live for the whole run: freeze them out of the collector's generations.
@@ -252,19 +269,13 @@ class FederatedSimulation:
         for round_index in rounds:
             started = time.perf_counter()
             sampled = sample_clients(client_ids, self.config.sampled_per_round, self.config.seed, round_index)
-            updates = []
-            for cid in tqdm(sampled, desc=f"round {round_index} clients", leave=False, disable=self.quiet):
-                retained = self.retained_part(cid)
-                updates.append(
-                    self.worker.train(
-                        cid,
-                        self.splits[cid],
-                        self.personalized_state(global_state, cid),
-                        seed=round_seed(self.config.seed, round_index, client_ids.index(cid)),
-                        retained=retained,
-                    )
-                )
+            progress = tqdm(sampled, desc=f"round {round_index} clients", leave=False, disable=self.quiet)
+            train = partial(self._train_client, global_state, round_index)
+            updates, dropped = collect_round(progress, train, round_index, self.config)
             result = self.hub.aggregate(global_state, updates, round=round_index)
+            result.diagnostics["dropped"] = dropped
+            crash_point("aggregated", round_index)
+            check_accepted(result.diagnostics, self.config, round_index)
             global_state = result.global_state
             self.residuals.update(self._new_residuals(result))
             row = self._evaluate(round_index, global_state, result, updates, time.perf_counter() - started)
@@ -276,6 +287,18 @@ class FederatedSimulation:
             if on_round_end is not None:
                 on_round_end(round_index, row)
         return self._finish(global_state)
+
+    def _train_client(self, global_state: State, round_index: int, cid: str, callbacks: list) -> ClientUpdate:
+        seed = round_seed(self.config.seed, round_index, self.data.client_ids.index(cid))
+        update = self.worker.train(
+            cid,
+            self.splits[cid],
+            self.personalized_state(global_state, cid),
+            seed=seed,
+            retained=self.retained_part(cid),
+            callbacks=callbacks,
+        )
+        return finish_update(update, global_state, self.config, *self.fingerprint_configs, round_index, seed)
 
     def _evaluate(
         self,
@@ -302,9 +325,11 @@ class FederatedSimulation:
         if self.worker.truncated_prompts:
             row["truncated_prompts"] = self.worker.truncated_prompts
         diagnostics = result.diagnostics or {}
-        for key in ("conflict_rate", "conflict_rate_per_layer", "conflicts", "rejected"):
+        for key in ("conflict_rate", "conflict_rate_per_layer", "conflicts", "rejected", "dropped", "clipped"):
             if key in diagnostics:
                 row[key] = diagnostics[key]
+        sampled = partial(sample_clients, self.data.client_ids, self.config.sampled_per_round, self.config.seed)
+        row.update(dp_metrics(self.config, sampled, round_index))  # epsilon from who took part in rounds 1..t
         return row
 
     def _checkpoint(self, round_index: int, global_state: State, updates: list[ClientUpdate], row: dict) -> None:
@@ -315,6 +340,7 @@ class FederatedSimulation:
         """Stage the round's files, rename them into place, then record metrics and the resume point."""
         staging = self.run_dir.staging_dir(round_index)
         save_adapter_folder(staging / "global", global_state, self.lora_config)
+        crash_point("writing_round", round_index)
         for update in updates:
             client_dir = staging / "clients" / update.client_id
             client_dir.mkdir(parents=True)
@@ -332,8 +358,10 @@ class FederatedSimulation:
                 self.run_dir.save_tensors(staging / "residuals" / f"{cid}.safetensors", residual)
         hub_state = self.hub.state_dict()
         if hub_state:
-            torch.save(hub_state, staging / "hub_state.pt")
+            checkpoint_io.save_hub_state(staging, hub_state)
+        checkpoint_io.write_manifest(staging)  # last: a round without a verifying manifest is never loaded
         self.run_dir.commit_round(round_index, staging)
+        crash_point("committed", round_index)
         self.run_dir.append_metrics(row)
         self.run_dir.write_state({"last_round": round_index, "num_rounds": self.config.num_rounds})
 
