@@ -1,0 +1,7 @@
+"""The Flower engine: hf_fcmoe federations across machines on Flower's Message API (flwr 1.42).
+
+One job per module: `codec` (tensors and updates in Flower records, fingerprints), `node` (a SuperNode's
+settings, data and on-disk state), `client_app` (the ClientApp's handlers), `strategy` (messages out,
+replies in, validation; the math is the `AggregationHub`), `server_app` (the round loop, resume, and the
+run directory through `federation.server_state`). Importing this package needs `pip install hf-fcmoe[flower]`.
+"""
