@@ -13,7 +13,7 @@ python -m pip install -q --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "${HF_FCMOE_TORCH:-torch==2.13.0}"
 fi
-EXTRAS=${HF_FCMOE_EXTRAS:-test,data}
+EXTRAS=${HF_FCMOE_EXTRAS:-test,data,flower}
 if [ "${HF_FCMOE_SMOLLM2:-0}" = "1" ]; then
   EXTRAS="$EXTRAS,upcycle"
 fi

@@ -145,8 +145,9 @@ class LoopbackFederation:
         """`flwr run APP_DIR local --stream --run-config ...` in the background."""
         home = self.work / "home" / f"flwr-{name}"
         home.mkdir(parents=True, exist_ok=True)
+        address = f"127.0.0.1:{self.port}"
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{address}"\ninsecure = true\n'
         )
         return self._start(
             f"flwr-{name}",

@@ -61,6 +61,19 @@ def build_hub(config: FederatedMoEConfig, layout: ExpertLayout) -> AggregationHu
     return AggregationHub(layout, method=config.aggregation_method, server_lr=config.server_lr, **options)
 
 
+def require_engine(config: FederatedMoEConfig, engine: str) -> None:
+    """Refuse a config meant for another engine (a Flower recipe never silently runs in-process)."""
+    if config.engine == engine:
+        return
+    if config.engine == "flower":
+        raise ValueError(
+            "engine 'flower' runs on a Flower deployment, not in this process: start flower-superlink and one "
+            "flower-supernode per client, then `flwr run recipes/flower <federation>` (recipes/flower/README.md); "
+            "or set engine: simulation"
+        )
+    raise ValueError(f"this is the {engine!r} engine, but the config asks for engine {config.engine!r}")
+
+
 def check_output_dir(run_dir: RunDirectory, config: FederatedMoEConfig, resume: bool) -> None:
     """Refuse to resume what is not there or differs, and to overwrite a run unless asked to."""
     root = run_dir.root

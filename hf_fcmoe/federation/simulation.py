@@ -49,6 +49,7 @@ class FederatedSimulation:
     """One run of the in-process engine; `run()` executes (or resumes) it."""
 
     def __init__(self, config: FederatedMoEConfig, resume: bool = False, progress: bool = True):
+        server_state.require_engine(config, "simulation")
         self.config = config
         self.run_dir = RunDirectory(config.output_dir)
         self.resume = resume

@@ -167,7 +167,8 @@ def evaluate(message: Message, context: Context) -> Message:
         round_index = int(instruction["round"])
         global_state = get_state(message.content, "global")
         residual = get_state(message.content, "residual")
-        if residual is not None:
+        if residual is not None:  # sent sparse: tensors without a conflict are zero
+            residual = {key: residual.get(key, torch.zeros_like(tensor)) for key, tensor in global_state.items()}
             session.store.save_residual(round_index, residual)
         residual = session.store.residual_before(round_index + 1)
         personalized = add_scaled(global_state, residual, float(instruction["personal_scale"]))

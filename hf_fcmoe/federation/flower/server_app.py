@@ -78,6 +78,7 @@ class FlowerFederation:
     def __init__(
         self, config: FederatedMoEConfig, resume=False, round_timeout=3600.0, wait_timeout=600.0, min_nodes=None
     ):
+        server_state.require_engine(config, "flower")
         self.config = config
         self.resume = resume
         self.round_timeout = round_timeout

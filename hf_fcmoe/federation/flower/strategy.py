@@ -167,7 +167,10 @@ class FCMoEStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Every live client gets the new global; clients of this round also get their new residual (to keep)."""
+        """Every live client gets the new global; clients of this round also get their new residual (to keep).
+
+        The residual is the only copy: the server forgets it once sent (the node keeps it in its state-dir).
+        """
         residuals = {}
         if self.outcome is not None and not self.outcome.result.failed:
             residuals = new_residuals(self.outcome.result, self.keeps_own_state)
@@ -180,7 +183,9 @@ class FCMoEStrategy(Strategy):
             content = RecordDict()
             put_state(content, "global", self.global_state)
             if cid in residuals:
-                put_state(content, "residual", residuals[cid])
+                # only tensors with a conflict carry a residual; the node fills in zeros for the others
+                sent = {key: tensor for key, tensor in residuals[cid].items() if bool(tensor.any())}
+                put_state(content, "residual", sent)
                 self.eval_bytes_down += content["residual"].count_bytes()
             content["instruction"] = self._instruction(server_round, **dict(config))
             self.eval_bytes_down += content["global"].count_bytes()
