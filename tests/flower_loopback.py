@@ -200,9 +200,15 @@ class LoopbackFederation:
             except subprocess.TimeoutExpired:
                 pass
 
-    def survivors(self) -> list[int]:
-        pids = (self.known | set(self._ours())) - {os.getpid()}
-        return [pid for pid in pids if Path(f"/proc/{pid}").exists() and _state(pid) != "zombie"]
+    def survivors(self, grace: float = 15.0) -> list[int]:
+        """Our processes still running after `grace` seconds (a SIGKILLed process takes a moment to go)."""
+        deadline = time.monotonic() + grace
+        while True:
+            pids = (self.known | set(self._ours())) - {os.getpid()}
+            alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and _state(pid) != "zombie"]
+            if not alive or time.monotonic() > deadline:
+                return [f"{pid}: {cmdline(pid)[:200]}" for pid in alive]
+            time.sleep(0.5)
 
 
 def _state(pid: int) -> str:

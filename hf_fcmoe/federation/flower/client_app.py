@@ -191,6 +191,14 @@ def evaluate(message: Message, context: Context) -> Message:
     return Message(content=content, reply_to=message)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def train_with_accelerate(
     session: NodeSession, start: State, retained: State | None, seed: int, recipe_yaml: str
 ) -> ClientUpdate:
@@ -219,6 +227,8 @@ def train_with_accelerate(
             str(settings.num_processes),
             "--num_machines",
             "1",
+            "--main_process_port",
+            str(_free_port()),
             "--mixed_precision",
             "no",
             "--dynamo_backend",

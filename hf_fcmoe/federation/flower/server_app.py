@@ -157,8 +157,9 @@ class FlowerFederation:
                 )
             elif allowed is not None and cid not in allowed:
                 problem = f"client {cid!r} is not one of this run's clients {sorted(allowed)}"
-            elif cid in strategy.nodes:
-                problem = f"client {cid!r} is already served by node {strategy.nodes[cid]}"
+            elif cid in strategy.nodes:  # a restarted node whose old id is not declared dead yet: ask again later
+                log(INFO, "client %r on node %s waits: node %s still holds it", cid, node, strategy.nodes[cid])
+                return
         if problem is not None:
             if cid is None and reply.has_error() is False and "rejected" in reply.content:
                 cid = str(reply.content["rejected"]["client_id"])

@@ -133,6 +133,10 @@ class FCMoEStrategy(Strategy):
         for reply in replies:
             cid, node = self._sender(reply)
             answered.add(cid)
+            if reply.has_error():  # Flower's own reply: the node is gone or the message expired
+                outcome.missing[cid] = f"client {cid!r} (node {node}): {reply_problem(reply)}"
+                log(INFO, "round %s: missing %s", server_round, outcome.missing[cid])
+                continue
             problem = reply_problem(reply)
             if problem is None:
                 try:
@@ -155,6 +159,7 @@ class FCMoEStrategy(Strategy):
         for message, cid in self._sent:
             if cid not in answered:
                 outcome.missing[cid] = f"no reply from node {message.metadata.dst_node_id} within the round timeout"
+        updates.sort(key=lambda update: self.client_ids.index(update.client_id))  # sampled order, not arrival
         result = self.hub.aggregate(self.global_state, updates, round=server_round)
         for cid, reason in (result.diagnostics or {}).get("rejected", {}).items():
             outcome.rejected[cid] = reason
