@@ -68,9 +68,13 @@ def _kill(pid: int) -> None:
 class LoopbackFederation:
     """Start/stop a loopback deployment; `node_configs[i]` is the --node-config string of node i."""
 
-    def __init__(self, work: Path, node_configs: list[str]):
+    def __init__(self, work: Path, node_configs: list[str], certs: Path | None = None, keys: list[Path] | None = None):
+        """`certs` (ca.crt, server.pem, server.key) switches on TLS; `keys` (one ECDSA private key per node, as
+        recipes/flower/README.md makes them) switches on SuperNode authentication."""
         self.work = Path(work)
         self.node_configs = node_configs
+        self.certs = certs
+        self.keys = keys
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.known: set[int] = set()  # every PID seen under our processes (killed at stop)
@@ -97,40 +101,64 @@ class LoopbackFederation:
         self.known.add(proc.pid)
         return proc
 
+    def _transport(self) -> list[str]:
+        return ["--insecure"] if self.certs is None else []
+
     def start(self) -> LoopbackFederation:
+        secure = []
+        if self.certs is not None:
+            c = self.certs
+            secure = ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem")]
+            secure += ["--ssl-keyfile", str(c / "server.key")]
+        if self.keys is not None:
+            secure.append("--enable-supernode-auth")
         self._start(
             "superlink",
             [
                 str(BIN / "flower-superlink"),
-                "--insecure",
+                *self._transport(),
+                *secure,
                 "--host",
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                "--disable-runtime-dependency-installation",
-            ],
+            ]
+            + ["--disable-runtime-dependency-installation"],
             self.work / "home" / "superlink",
         )
         self._wait_port(self.port)
+        for key in self.keys or []:
+            done = subprocess.run(
+                [str(BIN / "flwr"), "supernode", "register", f"{key}.pub", "local"],
+                env={**self.env, "FLWR_HOME": str(self._operator_home())},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"flwr supernode register failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
         for index in range(len(self.node_configs)):
             self.start_node(index)
         return self
 
+    def _operator_home(self) -> Path:
+        """The FLWR_HOME of `flwr` (run, register): its config.toml names this SuperLink."""
+        home = self.work / "home" / "operator"
+        home.mkdir(parents=True, exist_ok=True)
+        address = f"127.0.0.1:{self.port}"
+        lines = ["[superlink]", 'default = "local"', "", "[superlink.local]", f'address = "{address}"']
+        lines.append("insecure = true" if self.certs is None else f'root-certificates = "{self.certs / "ca.crt"}"')
+        (home / "config.toml").write_text("\n".join(lines) + "\n")
+        return home
+
     def start_node(self, index: int) -> subprocess.Popen:
+        secure = [] if self.certs is None else ["--root-certificates", str(self.certs / "ca.crt")]
+        if self.keys is not None:
+            secure += ["--auth-supernode-private-key", str(self.keys[index])]
         return self._start(
             f"node{index}",
-            [
-                str(BIN / "flower-supernode"),
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{self.port}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(free_port()),
-                "--node-config",
-                self.node_configs[index],
-            ],
+            [str(BIN / "flower-supernode"), *self._transport(), *secure, "--superlink", f"127.0.0.1:{self.port}"]
+            + ["--host", "127.0.0.1", "--port", str(free_port()), "--node-config", self.node_configs[index]],
             self.work / "home" / f"node{index}",
         )
 
@@ -143,17 +171,9 @@ class LoopbackFederation:
 
     def submit(self, run_config: str, name: str = "run") -> subprocess.Popen:
         """`flwr run APP_DIR local --stream --run-config ...` in the background."""
-        home = self.work / "home" / f"flwr-{name}"
-        home.mkdir(parents=True, exist_ok=True)
-        address = f"127.0.0.1:{self.port}"
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{address}"\ninsecure = true\n'
-        )
-        return self._start(
-            f"flwr-{name}",
-            [str(BIN / "flwr"), "run", str(APP_DIR), "local", "--stream", "--run-config", run_config],
-            home,
-        )
+        home = self._operator_home()
+        args = [str(BIN / "flwr"), "run", str(APP_DIR), "local", "--stream", "--run-config", run_config]
+        return self._start(f"flwr-{name}", args, home)
 
     def serverapp_pids(self) -> list[int]:
         pids = [pid for pid in descendants(self.procs["superlink"].pid) if "flwr-serverapp" in cmdline(pid)]

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import ConfigRecord, Error, Message, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict  # noqa: E402
 
 from hf_fcmoe.adapters.lora import build_lora_config, expert_layout_from_configs  # noqa: E402
 from hf_fcmoe.aggregation import ClientUpdate  # noqa: E402
@@ -271,3 +271,82 @@ def test_a_node_trains_its_round_with_accelerate_on_two_cpu_processes(tmp_path, 
     assert launched.expert_counts.shape == single.expert_counts.shape
     assert int(launched.expert_counts.sum()) == 2 * int(single.expert_counts.sum())
     assert not list((tmp_path / "state").glob("local_round_*")), "the exchange folder was not cleaned up"
+
+
+class _FakeGrid:
+    """Answers query messages as three nodes would: a good one, one with bad data, one with another base."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def get_node_ids(self):
+        return list(self.answers)
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        _sent(messages)
+        return [Message(content=self.answers[m.metadata.dst_node_id], reply_to=m) for m in messages]
+
+
+def test_server_admits_good_nodes_and_names_refused_ones(tiny_run_config, serverapp_identity):
+    from hf_fcmoe.federation.flower.server_app import FlowerFederation
+
+    federation = FlowerFederation(tiny_run_config(engine="flower", num_clients=1), wait_timeout=5, min_nodes=1)
+    strategy = federation._strategy([], "key")
+    good = ConfigRecord({"client_id": "client_000", "fingerprint": federation.fingerprint})
+    answers = {
+        11: RecordDict({"client": good}),
+        12: RecordDict({"rejected": ConfigRecord({"client_id": "client_001", "reason": "no usable text column"})}),
+        13: RecordDict({"client": ConfigRecord({"client_id": "client_002", "fingerprint": "0000"})}),
+    }
+    federation.refresh_nodes(_FakeGrid(answers), strategy, None, wait=True)
+    assert strategy.nodes == {"client_000": 11}
+    assert "no usable text column" in federation.join_rejected["client_001"]
+    assert "node 12" in federation.join_rejected["client_001"]
+    assert "fingerprint 0000" in federation.join_rejected["client_002"]
+    assert set(federation.refused) == {12, 13}
+    assert not (federation.run_dir.root / "metrics.jsonl").exists(), "nothing is written before the run starts"
+
+
+def test_server_starts_from_a_saved_initial_adapter_without_base_weights(tmp_path, tiny_run_config):
+    """A Hub/local base: the server reads only its config; the first global and fingerprint match a full load."""
+    from hf_fcmoe.federation.flower.initial_adapter import draw_initial_adapter, load_initial_adapter
+    from hf_fcmoe.federation.run_dir import save_adapter_folder
+    from hf_fcmoe.models.loading import load_base_model, save_base_model
+
+    model, tokenizer = load_base_model("tiny:mixtral", seed=0)
+    base = save_base_model(model, tokenizer, tmp_path / "base")
+    config = tiny_run_config(engine="flower", model_name_or_path=base)
+    drawn = draw_initial_adapter(config)
+    save_adapter_folder(tmp_path / "initial", drawn.initial_state, drawn.lora_config)
+    loaded = load_initial_adapter(config, tmp_path / "initial")
+    assert all(torch.equal(loaded.initial_state[k], v) for k, v in drawn.initial_state.items())
+    assert loaded.layout.expected_shapes() == drawn.layout.expected_shapes()
+    assert fingerprint(loaded.model_config, loaded.lora_config) == fingerprint(drawn.model_config, drawn.lora_config)
+    other = tiny_run_config(engine="flower", model_name_or_path=base, lora_r=4)
+    with pytest.raises(ValueError, match="does not match the recipe's LoRA"):
+        load_initial_adapter(other, tmp_path / "initial")
+
+
+def test_train_messages_skip_the_global_a_node_already_holds(tiny_run_config, tiny_layout, serverapp_identity):
+    """After a node acknowledged round t's evaluate message (which carried the global), round t+1's train
+    message carries only the instruction; the node forms its start state from its own copy."""
+    layout = tiny_layout[2]
+    strategy = _strategy(tiny_run_config(aggregation_method="fedavg"), layout)
+    strategy.global_state = _state(layout, 0)
+    messages = _sent(strategy.configure_evaluate(1, None, ConfigRecord(), None))
+    assert all("global" in m.content for m in messages.values())
+    scores = RecordDict(
+        {
+            "scores": MetricRecord(
+                {"global_nll_sum": 2.0, "global_tokens": 1, "local_nll_sum": 2.0, "local_tokens": 1, "eval_rows": 1}
+            )
+        }
+    )
+    replies = [Message(content=scores, reply_to=m) for node, m in messages.items() if node != 104]
+    replies.append(Message(error=Error(code=1, reason="gone"), reply_to=messages[104]))
+    strategy.aggregate_evaluate(1, replies)
+    assert "client_004" in strategy.eval_missing
+    train = _sent(strategy.configure_train(2, None, ConfigRecord(), None))
+    assert [node for node, m in train.items() if "global" in m.content] == [104]
+    assert all(int(m.content["instruction"]["global_round"]) == 1 for node, m in train.items() if node != 104)

@@ -163,3 +163,43 @@ def test_killed_supernode_is_named_and_rejoins_with_its_residual(deployment, rec
     assert rows[3]["clients"] == ["client_000", "client_001", "client_002"]
     assert hashlib.sha256(residual.read_bytes()).hexdigest() == before
     assert (residual.parent / "residual-3.safetensors").exists()
+
+
+def _readme_commands(marker: str) -> str:
+    """The README's bash block that contains `marker` (the test runs the documented commands themselves)."""
+    text = (Path(__file__).resolve().parents[1] / "recipes" / "flower" / "README.md").read_text()
+    blocks = [block.split("\n", 1)[1] for block in text.split("```bash")[1:]]
+    block = next(block.split("```", 1)[0] for block in blocks if marker in block)
+    return "\n".join(line.strip() for line in block.splitlines())
+
+
+def _readme_line(marker: str) -> str:
+    """The one command line of the README that contains `marker` (without its trailing comment)."""
+    line = next(line for line in _readme_commands(marker).splitlines() if marker in line)
+    return line.split("  #", 1)[0].strip()
+
+
+def test_deployment_with_tls_and_supernode_auth_as_the_readme_says(tmp_path, tiny_run_config):
+    import subprocess
+
+    subprocess.run(
+        ["bash", "-euc", _readme_commands("openssl req -x509")], cwd=tmp_path, check=True, capture_output=True
+    )
+    subprocess.run(["bash", "-euc", _readme_line("ssh-keygen")], cwd=tmp_path, check=True, capture_output=True)
+    values = {**RECIPE, "num_clients": 1, "num_rounds": 1, "max_steps": 2, "output_dir": str(tmp_path / "unused")}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(values))
+    folder = export_client_data(load_config(recipe), tmp_path / "data")["client_000"]
+    nodes = [node_config("org_a", folder, tmp_path / "state" / "org_a")]
+    federation = LoopbackFederation(tmp_path, nodes, certs=tmp_path / "certs", keys=[tmp_path / "keys" / "org_a"])
+    try:
+        federation.start()
+        out = tmp_path / "server"
+        _finish(federation, _run(federation, recipe, out, "tls"), "tls")
+    finally:
+        federation.stop()
+        assert federation.survivors() == []
+    assert (out / "global" / "adapter_model.safetensors").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["clients"] == ["org_a"]
+    assert "insecure" not in (tmp_path / "home" / "operator" / "config.toml").read_text()

@@ -2,8 +2,8 @@
 
 `python -m hf_fcmoe.federation.flower.wire_size --config RECIPE [--mixtral-8x7b]` prints, per client and
 round: the train message (global adapter), the train reply (the update), the evaluate message (the new
-global and, at most, the residual); sizes are those of the ArrayRecords (tensor bytes plus NumPy's
-per-tensor header), in the adapter's dtype. `--mixtral-8x7b` puts the recipe's LoRA on Mixtral-8x7B's
+global and, at most, the residual); sizes are those of the ArrayRecords (tensor bytes plus, per
+tensor, its key and NumPy's header), in the adapter's dtype. `--mixtral-8x7b` puts the recipe's LoRA on Mixtral-8x7B's
 configuration (transformers' MixtralConfig defaults: 32 layers, 8 experts, hidden 4096, FFN 14336).
 """
 
@@ -20,13 +20,13 @@ _NP_DTYPES = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16
 
 
 def array_record_bytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:
-    """Bytes an ArrayRecord of tensors with these shapes counts (NumPy .npy payload: header + data)."""
+    """Bytes `ArrayRecord.count_bytes` counts for tensors of these shapes (key + .npy header + data, per tensor)."""
     total = 0
     descr = np.lib.format.dtype_to_descr(np.dtype(_NP_DTYPES[dtype]))
-    for shape in shapes.values():
+    for key, shape in shapes.items():
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
-        total += len(header.getvalue()) + int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        total += len(key) + len(header.getvalue()) + int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     return total
 
 
