@@ -7,7 +7,8 @@ the client and the reason, so the server can go on with the others.
 
 Messages (the server's `FlowerFederation` sends them):
 - query: "who are you?": client id and fingerprint (the node's settings and data are checked too);
-- train: the global adapter; the node adds lambda * its residual, trains, and replies with its update;
+- train: the global adapter (omitted when the node holds it from the last evaluate message); the node adds
+  lambda * its residual, trains, and replies with its update;
 - evaluate: the new global adapter and, for clients of the round, their new residual (stored on the node,
   never on the server); the node scores the global and its personalized adapter on its eval rows and
   writes the personalized adapter to `state-dir/personalized`.
@@ -145,6 +146,11 @@ def train(message: Message, context: Context) -> Message:
         instruction = session.instruction
         round_index = int(instruction["round"])
         global_state = get_state(message.content, "global")
+        if global_state is None:  # not sent: this node holds it from the last evaluate message
+            cached = int(instruction["global_round"])
+            global_state = session.store.global_of(cached)
+            if global_state is None:
+                raise ValueError(f"the server sent no global adapter and this node holds none of round {cached}")
         residual = session.store.residual_before(round_index)
         start = add_scaled(global_state, residual, float(instruction["personal_scale"]))
         retained = scaled(residual, float(instruction["retention"]))
@@ -166,6 +172,7 @@ def evaluate(message: Message, context: Context) -> Message:
         instruction = session.instruction
         round_index = int(instruction["round"])
         global_state = get_state(message.content, "global")
+        session.store.save_global(round_index, global_state)
         residual = get_state(message.content, "residual")
         if residual is not None:  # sent sparse: tensors without a conflict are zero
             residual = {key: residual.get(key, torch.zeros_like(tensor)) for key, tensor in global_state.items()}

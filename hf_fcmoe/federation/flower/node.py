@@ -31,7 +31,7 @@ NODE_CONFIG_KEYS = {
     "num-processes": "train each local round with `accelerate launch` on this many processes (default 1)",
 }
 _REQUIRED = ("client-id", "train-data", "state-dir")
-_RESIDUAL_FILE = re.compile(r"residual-(\d+)\.safetensors")
+_ROUND_FILE = re.compile(r"(residual|global)-(\d+)\.safetensors")
 KEEP_RESIDUAL_ROUNDS = 2
 
 
@@ -107,28 +107,39 @@ class NodeStore:
     def personalized_dir(self) -> Path:
         return self.root / "personalized"
 
-    def _residual_rounds(self) -> list[int]:
+    def _rounds(self, kind: str) -> list[int]:
         if not self.root.exists():
             return []
-        found = (_RESIDUAL_FILE.fullmatch(p.name) for p in self.root.iterdir())
-        return sorted(int(match.group(1)) for match in found if match)
+        found = (_ROUND_FILE.fullmatch(p.name) for p in self.root.iterdir())
+        return sorted(int(match.group(2)) for match in found if match and match.group(1) == kind)
+
+    def _save(self, kind: str, round_index: int, state: State) -> None:
+        """Keep `state` of `round_index` (atomically) and drop those older than the last few rounds."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"{kind}-{round_index}.safetensors"
+        tmp = final.with_suffix(".tmp")
+        RunDirectory.save_tensors(tmp, state)
+        tmp.replace(final)
+        for old in self._rounds(kind)[:-KEEP_RESIDUAL_ROUNDS]:
+            (self.root / f"{kind}-{old}.safetensors").unlink()
 
     def residual_before(self, round_index: int) -> State | None:
         """The residual the node holds from the latest round before `round_index` (None before its first)."""
-        rounds = [r for r in self._residual_rounds() if r < round_index]
+        rounds = [r for r in self._rounds("residual") if r < round_index]
         if not rounds:
             return None
         return RunDirectory.load_tensors(self.root / f"residual-{rounds[-1]}.safetensors")
 
     def save_residual(self, round_index: int, residual: State) -> None:
-        """Keep the residual of `round_index` (atomically) and drop those older than the last few rounds."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"residual-{round_index}.safetensors"
-        tmp = final.with_suffix(".tmp")
-        RunDirectory.save_tensors(tmp, residual)
-        tmp.replace(final)
-        for old in self._residual_rounds()[:-KEEP_RESIDUAL_ROUNDS]:
-            (self.root / f"residual-{old}.safetensors").unlink()
+        self._save("residual", round_index, residual)
+
+    def save_global(self, round_index: int, state: State) -> None:
+        """The global adapter of a round, as the evaluate message brought it (the next train message omits it)."""
+        self._save("global", round_index, state)
+
+    def global_of(self, round_index: int) -> State | None:
+        path = self.root / f"global-{round_index}.safetensors"
+        return RunDirectory.load_tensors(path) if path.exists() else None
 
     def save_personalized(self, state: State, lora_config, tokenizer, round_index: int) -> None:
         save_adapter_folder(self.personalized_dir, state, lora_config, tokenizer)

@@ -20,23 +20,19 @@ import uuid
 from logging import INFO, WARNING
 from pathlib import Path
 
-import torch
 import yaml
 from flwr.app import ConfigRecord, Context, Message
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from hf_fcmoe.adapters.lora import apply_expert_lora, build_lora_config, expert_layout_from_peft_model
 from hf_fcmoe.aggregation import AggregationResult
 from hf_fcmoe.config import FederatedMoEConfig, load_config
 from hf_fcmoe.federation import server_state
 from hf_fcmoe.federation.flower.codec import fingerprint, state_to_records
+from hf_fcmoe.federation.flower.initial_adapter import draw_initial_adapter, load_initial_adapter
 from hf_fcmoe.federation.flower.strategy import FCMoEStrategy, reply_problem
 from hf_fcmoe.federation.retention import hub_retention
 from hf_fcmoe.federation.run_dir import RunDirectory
-from hf_fcmoe.models.families import get_family
-from hf_fcmoe.models.loading import is_tiny, load_base_model, save_base_model
-from hf_fcmoe.training.trainer import adapter_state
 
 RUN_CONFIG_KEYS = {
     "recipe": "recipe YAML (FederatedMoEConfig fields), relative to the app folder or absolute; required",
@@ -45,6 +41,8 @@ RUN_CONFIG_KEYS = {
     "round-timeout": "seconds to wait for a round's replies (default 3600)",
     "wait-timeout": "seconds to wait for min-nodes SuperNodes to join (default 600)",
     "min-nodes": "SuperNodes needed to start (default or 0: the recipe's num_clients)",
+    "initial-adapter": "PEFT folder of the first global (`python -m hf_fcmoe.federation.flower.initial_adapter`); "
+    "the server then loads no base weights",
 }
 FEDERATION_FILE = "federation.json"  # the fixed client list and the run key nodes file their state under
 
@@ -68,6 +66,7 @@ def server_config(run_config: dict, app_dir: Path | None) -> tuple[FederatedMoEC
         "round_timeout": float(run_config.get("round-timeout", 3600)),
         "wait_timeout": float(run_config.get("wait-timeout", 600)),
         "min_nodes": int(run_config.get("min-nodes") or config.num_clients),
+        "initial_adapter": Path(str(run_config["initial-adapter"])) if run_config.get("initial-adapter") else None,
     }
     return config, options
 
@@ -76,7 +75,13 @@ class FlowerFederation:
     """One ServerApp run: setup (as the in-process engine: same initial adapter), node directory, round loop."""
 
     def __init__(
-        self, config: FederatedMoEConfig, resume=False, round_timeout=3600.0, wait_timeout=600.0, min_nodes=None
+        self,
+        config: FederatedMoEConfig,
+        resume=False,
+        round_timeout=3600.0,
+        wait_timeout=600.0,
+        min_nodes=None,
+        initial_adapter: Path | None = None,
     ):
         server_state.require_engine(config, "flower")
         self.config = config
@@ -86,24 +91,13 @@ class FlowerFederation:
         self.min_nodes = config.num_clients if min_nodes is None else min_nodes
         self.run_dir = RunDirectory(config.output_dir)
         server_state.check_output_dir(self.run_dir, config, resume)
-        # The server draws the initial adapter exactly as the in-process engine does, then drops the model.
-        model, self.tokenizer = load_base_model(
-            config.model_name_or_path, seed=config.seed, num_experts=config.tiny_num_experts
-        )
-        base_reference = config.model_name_or_path
-        if is_tiny(config.model_name_or_path):
-            base_dir = self.run_dir.base_model_dir
-            base_dir.exists() or save_base_model(model, self.tokenizer, base_dir)
-            base_reference = str(base_dir.resolve())
-        self.lora_config = build_lora_config(
-            get_family(model.config), config.lora_r, config.lora_alpha, config.lora_targets, base_reference
-        )
-        self.fingerprint = fingerprint(model.config, self.lora_config)
-        torch.manual_seed(config.seed)
-        peft_model = apply_expert_lora(model, self.lora_config)
-        self.layout = expert_layout_from_peft_model(peft_model)
-        self.initial_state = adapter_state(peft_model)
-        del peft_model, model
+        if initial_adapter is not None:  # no base weights on the server: configs and the saved first global
+            setup = load_initial_adapter(config, initial_adapter)
+        else:  # the first global drawn exactly as the in-process engine draws it (the model is dropped after)
+            setup = draw_initial_adapter(config, self.run_dir.base_model_dir)
+        self.tokenizer, self.lora_config, self.layout = setup.tokenizer, setup.lora_config, setup.layout
+        self.initial_state = setup.initial_state
+        self.fingerprint = fingerprint(setup.model_config, self.lora_config)
         self.hub = server_state.build_hub(config, self.layout)
         self.keeps_own_state = config.aggregation_method == "local"
         self.refused: dict[int, str] = {}
@@ -169,6 +163,7 @@ class FlowerFederation:
             log(WARNING, "refused %s", self.join_rejected[name])
             return
         strategy.nodes[cid] = node
+        strategy.holds_global.pop(cid, None)  # a new node: send it the global in full
         log(INFO, "client %r joined on node %s", cid, node)
 
     # ------------------------------------------------------------------ the loop
@@ -195,7 +190,7 @@ class FlowerFederation:
             raise ValueError(
                 f"clients_per_round={self.config.sampled_per_round} exceeds the {len(strategy.client_ids)} clients"
             )
-        strategy.global_state = global_state
+        strategy.global_state, strategy.global_round = global_state, last
         if last == 0 and not self.resume:
             self._evaluate(grid, strategy, 0)
             row = server_state.metrics_row(

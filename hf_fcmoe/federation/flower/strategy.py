@@ -72,6 +72,8 @@ class FCMoEStrategy(Strategy):
         self.keeps_own_state = keeps_own_state
         self.nodes: dict[str, int] = {}  # client id -> live node id (kept by the ServerApp's node directory)
         self.global_state: State = {}
+        self.global_round = 0  # the round `global_state` belongs to
+        self.holds_global: dict[str, int] = {}  # client -> round of the global its node acknowledged holding
         self.outcome: RoundOutcome | None = None
         self.eval_fields: dict = {}
         self.eval_missing: dict[str, str] = {}
@@ -117,10 +119,12 @@ class FCMoEStrategy(Strategy):
                 self.outcome.missing[cid] = "no live SuperNode for this client"
                 continue
             content = RecordDict()
-            put_state(content, "global", self.global_state)
             seed = round_seed(self.seed, server_round, self.client_ids.index(cid))
-            content["instruction"] = self._instruction(server_round, seed=seed, **dict(config))
-            self.outcome.bytes_down += content["global"].count_bytes()
+            extra = {"seed": seed, "global_round": self.global_round, **dict(config)}
+            if self.holds_global.get(cid) != self.global_round:  # else the node has it from the evaluate message
+                put_state(content, "global", self.global_state)
+                self.outcome.bytes_down += content["global"].count_bytes()
+            content["instruction"] = self._instruction(server_round, **extra)
             messages.append(self._message(content, cid, "train", server_round))
         return messages
 
@@ -180,6 +184,7 @@ class FCMoEStrategy(Strategy):
         if self.outcome is not None and not self.outcome.result.failed:
             residuals = new_residuals(self.outcome.result, self.keeps_own_state)
         self._sent, self.eval_missing, self.eval_bytes_down = [], {}, 0
+        self.global_round = server_round
         messages = []
         for cid in self.client_ids:
             if cid not in self.nodes:
@@ -205,7 +210,9 @@ class FCMoEStrategy(Strategy):
             problem = reply_problem(reply)
             if problem is not None:
                 self.eval_missing[cid] = f"client {cid!r} (node {node}): {problem}"
+                self.holds_global.pop(cid, None)
                 continue
+            self.holds_global[cid] = server_round
             scores = reply.content["scores"]
             for prefix, target in (("global", global_scores), ("local", local_scores)):
                 target[cid] = ClientScore(
