@@ -222,28 +222,23 @@ def train_with_accelerate(
             "state-dir": str(settings.state_dir),
             **({"eval-data": str(settings.eval_data)} if settings.eval_data else {}),
             **({"model-path": settings.model_path} if settings.model_path else {}),
+            "num-processes": settings.num_processes,
         }
         spec = {"recipe": recipe_yaml, "node_config": node_config, "seed": seed, "fingerprint": session.fingerprint}
         (job / "job.json").write_text(json.dumps(spec))
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(settings.num_processes),
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            str(_free_port()),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "hf_fcmoe.federation.flower.local_round",
-            str(job),
-        ]
+        # MULTI_GPU + use_cpu is what runs N gloo processes on a CPU-only node (`--cpu` alone runs one)
+        launch = {
+            "compute_environment": "LOCAL_MACHINE",
+            "distributed_type": "MULTI_GPU",
+            "num_machines": 1,
+            "num_processes": settings.num_processes,
+            "use_cpu": not torch.cuda.is_available(),
+            "mixed_precision": "no",
+            "main_process_port": _free_port(),
+        }
+        (job / "accelerate.yaml").write_text(json.dumps(launch))  # JSON is YAML
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(job / "accelerate.yaml")]
+        command += ["-m", "hf_fcmoe.federation.flower.local_round", str(job)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
