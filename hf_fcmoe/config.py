@@ -88,7 +88,13 @@ class FederatedMoEConfig(SFTConfig):
         default=None, metadata={"help": "Clients sampled per round (seeded); default: all clients."}
     )
     num_rounds: int = field(default=3, metadata={"help": "Federated rounds."})
-    engine: str = field(default="simulation", metadata={"help": "Federation engine: simulation (in-process)."})
+    engine: str = field(
+        default="simulation",
+        metadata={
+            "help": "Federation engine: simulation (in-process, `hf-fcmoe simulate`) or flower (a Flower deployment: "
+            "`flwr run recipes/flower`; `hf-fcmoe simulate` refuses it)."
+        },
+    )
     # --- aggregation
     aggregation_method: str = field(
         default="fedavg", metadata={"help": f"Aggregation method of the hub: one of {', '.join(METHODS)}."}

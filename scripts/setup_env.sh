@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS=${HF_FCMOE_EXTRAS:-test,data,trackers,privacy}
+EXTRAS=${HF_FCMOE_EXTRAS:-test,data,trackers,privacy,flower}
 if [ "${HF_FCMOE_SMOLLM2:-0}" = "1" ]; then
   EXTRAS="$EXTRAS,upcycle"
 fi

@@ -33,7 +33,7 @@ class ClientScore:
         return self.nll_sum / self.tokens if self.tokens else math.nan
 
 
-def _score_state(worker, splits: dict, state: State, client_ids, raw_eval: dict[str, Dataset] | None):
+def score_state(worker, splits: dict, state: State, client_ids, raw_eval: dict[str, Dataset] | None):
     """Load `state` once and score it on each client's split (loss; accuracy when `raw_eval` is given)."""
     load_adapter_state(worker.model, state)
     batch_size = worker.config.eval_batch_size
@@ -71,18 +71,26 @@ def evaluate_round(
     client's personalized adapter on its own split.
     """
     client_ids = list(splits)
-    global_scores = _score_state(worker, splits, global_state, client_ids, raw_eval)
+    global_scores = score_state(worker, splits, global_state, client_ids, raw_eval)
     local_scores = dict(global_scores)
     for cid, state in personalized.items():
-        local_scores.update(_score_state(worker, splits, state, [cid], raw_eval))
+        local_scores.update(score_state(worker, splits, state, [cid], raw_eval))
+    sizes = {cid: len(raw_eval[cid]) for cid in client_ids} if raw_eval is not None else None
+    return combine_scores(global_scores, local_scores, sizes)
+
+
+def combine_scores(
+    global_scores: dict[str, ClientScore], local_scores: dict[str, ClientScore], sizes: dict[str, int] | None = None
+) -> dict:
+    """The round's metric fields from per-client scores (`sizes`: classification eval split sizes, or None)."""
+    client_ids = list(global_scores)
     tokens = sum(score.tokens for score in global_scores.values())
     row = {
         "global_eval_loss": sum(score.nll_sum for score in global_scores.values()) / tokens if tokens else math.nan,
         "global_eval_loss_per_client": {cid: score.loss for cid, score in global_scores.items()},
         **_mean_std_fields("local_eval_loss", {cid: score.loss for cid, score in local_scores.items()}),
     }
-    if raw_eval is not None:
-        sizes = {cid: len(raw_eval[cid]) for cid in client_ids}
+    if sizes is not None:
         global_accuracy = {cid: score.accuracy for cid, score in global_scores.items()}
         row.update(
             global_accuracy=sum(global_accuracy[c] * sizes[c] for c in client_ids) / sum(sizes.values()),

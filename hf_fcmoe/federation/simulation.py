@@ -10,32 +10,35 @@ the last completed round and reproduces the uninterrupted run: every random choi
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from hf_fcmoe.adapters.layout import ExpertLayout
 from hf_fcmoe.adapters.lora import apply_expert_lora, build_lora_config, expert_layout_from_peft_model
-from hf_fcmoe.aggregation import AggregationHub, AggregationResult, ClientUpdate
+from hf_fcmoe.aggregation import AggregationResult, ClientUpdate
 from hf_fcmoe.aggregation.types import State
 from hf_fcmoe.config import FederatedMoEConfig
 from hf_fcmoe.data.federated import FederatedData, load_federated_data
-from hf_fcmoe.federation import checkpoint_io
+from hf_fcmoe.federation import server_state
 from hf_fcmoe.federation.client import ClientWorker, PreparedSplits, round_seed
 from hf_fcmoe.federation.faults import check_accepted, collect_round, crash_point
-from hf_fcmoe.federation.round_metrics import evaluate_round, state_nbytes
-from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights, save_adapter_folder
+from hf_fcmoe.federation.retention import add_scaled, hub_retention, new_residuals, scaled
+from hf_fcmoe.federation.round_metrics import evaluate_round
+from hf_fcmoe.federation.run_dir import RunDirectory
 from hf_fcmoe.federation.safeguards import dp_metrics, enroll_clients, finish_update
+from hf_fcmoe.federation.server_state import (  # noqa: F401  (re-exported: callers import them from here)
+    RESUME_IGNORED_KEYS,
+    SimulationResult,
+    build_hub,
+    check_output_dir,
+    config_changes,
+    sample_clients,
+)
 from hf_fcmoe.hub.recipe import check_publishing, publish_round, publish_run
 from hf_fcmoe.models.families import get_family
 from hf_fcmoe.models.loading import is_tiny, load_base_model, save_base_model
@@ -44,66 +47,6 @@ from hf_fcmoe.reporting.trackers import FederationTracker
 from hf_fcmoe.training.trainer import adapter_state
 
 logger = logging.getLogger(__name__)
-RESUME_IGNORED_KEYS = {"output_dir", "num_rounds", "overwrite_output_dir"}
-
-
-@dataclass
-class SimulationResult:
-    """Where a finished run put its outputs, and its metric rows."""
-
-    output_dir: Path
-    global_dir: Path
-    personalized_dirs: dict[str, Path]
-    report_path: Path
-    metrics: list[dict]
-
-
-def config_changes(saved_path: Path, config: FederatedMoEConfig) -> list[str]:
-    """Fields in which `config` differs from the run config saved at `saved_path` (what resuming must not change)."""
-    saved, current = yaml.safe_load(saved_path.read_text()), config.to_yaml_dict()
-    keys = (set(saved) | set(current)) - RESUME_IGNORED_KEYS
-    return sorted(key for key in keys if saved.get(key) != current.get(key))
-
-
-def sample_clients(client_ids: list[str], per_round: int, seed: int, round_index: int) -> list[str]:
-    """The clients of one round: a seeded draw that depends only on (seed, round)."""
-    rng = np.random.default_rng([seed, round_index])
-    chosen = rng.choice(len(client_ids), size=per_round, replace=False)
-    return [client_ids[i] for i in sorted(chosen.tolist())]
-
-
-def check_output_dir(config: FederatedMoEConfig, resume: bool) -> None:
-    """Whether output_dir may be written (fresh, --resume of the same config, or --overwrite_output_dir).
-
-    Needs no process group: `hf-fcmoe` checks it before `accelerate launch` starts any process.
-    """
-    run_dir = RunDirectory(config.output_dir)
-    root = run_dir.root
-    if resume:
-        if not run_dir.has_completed_rounds():
-            raise FileNotFoundError(f"--resume: no completed round to resume from in {root}")
-        changed = config_changes(root / "config.yaml", config)
-        if changed:
-            raise ValueError(f"--resume: config differs from the run being resumed in {changed}")
-    elif run_dir.has_completed_rounds() and not config.overwrite_output_dir:
-        raise FileExistsError(
-            f"{root} already holds a run; pass --resume to continue it or --overwrite_output_dir true"
-        )
-
-
-def build_hub(config: FederatedMoEConfig, layout: ExpertLayout) -> AggregationHub:
-    options = dict(config.aggregation_options)
-    if config.aggregation_method == "fcmoe":
-        options.setdefault("retention_lambda", config.retention_lambda)
-    if config.aggregation_method == "fedprox" and config.proximal_mu <= 0:
-        raise ValueError(f"aggregation_method 'fedprox' needs proximal_mu > 0, got {config.proximal_mu}")
-    return AggregationHub(
-        layout,
-        method=config.aggregation_method,
-        server_lr=config.server_lr,
-        max_num_examples=config.max_client_examples,
-        **options,
-    )
 
 
 def _check_data(data: FederatedData) -> None:
@@ -112,16 +55,11 @@ def _check_data(data: FederatedData) -> None:
             raise ValueError(f"client {cid!r} has zero training examples; lower eval_fraction or num_clients")
 
 
-def _add_scaled(state: State, residual: State | None, scale: float) -> State:
-    if residual is None or scale == 0:
-        return state
-    return {key: (tensor.float() + scale * residual[key].float()).to(tensor.dtype) for key, tensor in state.items()}
-
-
 class FederatedSimulation:
     """One run of the in-process engine; `run()` executes (or resumes) it."""
 
     def __init__(self, config: FederatedMoEConfig, resume: bool = False, progress: bool = True):
+        server_state.require_engine(config, "simulation")
         self.config = config
         self.run_dir = RunDirectory(config.output_dir)
         self.resume = resume
@@ -170,7 +108,7 @@ class FederatedSimulation:
     # --- state helpers
     def personalized_state(self, global_state: State, client_id: str) -> State:
         """The client's own adapter: global + scale * residual (FC-MoE retention; `local`: its own trained state)."""
-        return _add_scaled(global_state, self.residuals.get(client_id), self.personal_scale)
+        return add_scaled(global_state, self.residuals.get(client_id), self.personal_scale)
 
     @property
     def keeps_own_state(self) -> bool:
@@ -182,39 +120,22 @@ class FederatedSimulation:
         return 1.0 if self.keeps_own_state else self.hub_retention
 
     def _new_residuals(self, result: AggregationResult) -> dict[str, State]:
-        if not self.keeps_own_state:
-            return result.residuals
-        return {
-            cid: {key: state[key].float() - result.global_state[key].float() for key in state}
-            for cid, state in result.personalized.items()
-        }
+        return new_residuals(result, self.keeps_own_state)
 
     def retained_part(self, client_id: str) -> State | None:
         """lambda * residual of a client (what its start state adds to the global), or None."""
-        residual = self.residuals.get(client_id)
-        if residual is None or self.hub_retention == 0:
-            return None
-        return {key: self.hub_retention * tensor.float() for key, tensor in residual.items()}
+        return scaled(self.residuals.get(client_id), self.hub_retention)
 
     @property
     def hub_retention(self) -> float:
-        return float(getattr(self.hub, "retention_lambda", 0.0)) if getattr(self.hub, "uses_retention", False) else 0.0
+        return hub_retention(self.hub)
 
     def _restore(self) -> tuple[int, State]:
-        state = self.run_dir.read_state()
-        # a round is loaded only if its manifest verifies; a corrupt or partial newest round is redone
-        last, problems = checkpoint_io.last_intact_round(self.run_dir.root / "rounds", int(state["last_round"]))
-        if last is None:
-            raise FileNotFoundError(f"--resume: no intact round in {self.run_dir.root} ({problems[0]})")
+        last = server_state.last_completed_round(self.run_dir)
         self._on_main_process(lambda: self.run_dir.roll_back_to(last))
-        round_dir = self.run_dir.round_dir(last)
-        global_state = load_adapter_weights(round_dir / "global")
-        residual_dir = round_dir / "residuals"
-        if residual_dir.exists():
-            self.residuals = {p.stem: self.run_dir.load_tensors(p) for p in sorted(residual_dir.glob("*.safetensors"))}
-        hub_state = checkpoint_io.load_hub_state(round_dir)  # safetensors + JSON, never pickle
-        if hub_state is not None:
-            self.hub.load_state_dict(hub_state)
+        global_state, residuals = server_state.load_round(self.run_dir, last, self.hub)
+        if residuals:
+            self.residuals = residuals
         return last, global_state
 
     def _start(self) -> tuple[int, State]:
@@ -222,10 +143,7 @@ class FederatedSimulation:
         return 0, adapter_state(self.model)
 
     def _write_fresh_run(self) -> None:
-        self.run_dir.root.mkdir(parents=True, exist_ok=True)
-        (self.run_dir.root / "config.yaml").write_text(yaml.safe_dump(self.config.to_yaml_dict(), sort_keys=True))
-        self.run_dir.discard_uncommitted(-1)
-        self.run_dir.metrics_file.unlink(missing_ok=True)
+        server_state.write_fresh_run(self.run_dir, self.config)
 
     # --- the loop
     def run(self, on_round_end: Callable[[int, dict], None] | None = None) -> SimulationResult:
@@ -310,24 +228,19 @@ class FederatedSimulation:
     ) -> dict:
         personalized = {cid: self.personalized_state(global_state, cid) for cid in self.residuals}
         raw_eval = self.data.eval if self.config.task == "classification" else None
-        row = evaluate_round(self.worker, self.splits, global_state, personalized, raw_eval)
-        row.update(
-            round=round_index,
-            method=self.config.aggregation_method,
-            clients=[u.client_id for u in updates],
-            train_loss=float(np.mean([u.train_loss for u in updates])) if updates else None,
-            # `local` never exchanges adapters: its clients train alone
-            bytes_up=0 if self.keeps_own_state else sum(state_nbytes(u.state) for u in updates),
-            bytes_down=0 if self.keeps_own_state else state_nbytes(global_state) * len(updates),
-            seconds=round(seconds, 3),
-            failed=result.failed,
+        eval_fields = evaluate_round(self.worker, self.splits, global_state, personalized, raw_eval)
+        row = server_state.metrics_row(
+            eval_fields,
+            round_index,
+            self.config.aggregation_method,
+            global_state,
+            result,
+            updates,
+            seconds,
+            exchanges_adapters=not self.keeps_own_state,
         )
         if self.worker.truncated_prompts:
             row["truncated_prompts"] = self.worker.truncated_prompts
-        diagnostics = result.diagnostics or {}
-        for key in ("conflict_rate", "conflict_rate_per_layer", "conflicts", "rejected", "dropped", "clipped"):
-            if key in diagnostics:
-                row[key] = diagnostics[key]
         sampled = partial(sample_clients, self.data.client_ids, self.config.sampled_per_round, self.config.seed)
         row.update(dp_metrics(self.config, sampled, round_index))  # epsilon from who took part in rounds 1..t
         return row
@@ -337,46 +250,34 @@ class FederatedSimulation:
         self.tracker.log_round(row)  # report_to: the federation's curves, one tracker run per federation
 
     def _write_round(self, round_index: int, global_state: State, updates: list[ClientUpdate], row: dict) -> None:
-        """Stage the round's files, rename them into place, then record metrics and the resume point."""
-        staging = self.run_dir.staging_dir(round_index)
-        save_adapter_folder(staging / "global", global_state, self.lora_config)
-        crash_point("writing_round", round_index)
-        for update in updates:
-            client_dir = staging / "clients" / update.client_id
-            client_dir.mkdir(parents=True)
-            self.run_dir.save_tensors(client_dir / "adapter_model.safetensors", update.state)
-            stats = {
-                "num_examples": update.num_examples,
-                "train_loss": update.train_loss,
-                **update.metrics,
-                "expert_counts": update.expert_counts.tolist() if update.expert_counts is not None else None,
-            }
-            (client_dir / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
-        if self.residuals:
-            (staging / "residuals").mkdir()
-            for cid, residual in self.residuals.items():
-                self.run_dir.save_tensors(staging / "residuals" / f"{cid}.safetensors", residual)
-        hub_state = self.hub.state_dict()
-        if hub_state:
-            checkpoint_io.save_hub_state(staging, hub_state)
-        checkpoint_io.write_manifest(staging)  # last: a round without a verifying manifest is never loaded
-        self.run_dir.commit_round(round_index, staging)
-        crash_point("committed", round_index)
-        self.run_dir.append_metrics(row)
-        self.run_dir.write_state({"last_round": round_index, "num_rounds": self.config.num_rounds})
+        server_state.write_round(
+            self.run_dir,
+            round_index,
+            global_state,
+            self.lora_config,
+            updates,
+            self.residuals,
+            self.hub,
+            row,
+            self.config.num_rounds,
+        )
 
     def _finish(self, global_state: State) -> SimulationResult:
-        from hf_fcmoe.reporting.run_report import write_run_report
-
         root = self.run_dir.root
         personalized_dirs = {cid: root / "personalized" / cid for cid in self.data.client_ids}
         metrics = self.run_dir.read_metrics()
 
         def write_final() -> None:
-            save_adapter_folder(root / "global", global_state, self.lora_config, self.tokenizer)
-            for cid, path in personalized_dirs.items():
-                save_adapter_folder(path, self.personalized_state(global_state, cid), self.lora_config, self.tokenizer)
-            write_run_report(root, metrics, self.data.label_counts)
+            server_state.write_final_outputs(
+                self.run_dir,
+                global_state,
+                self.lora_config,
+                self.tokenizer,
+                metrics,
+                client_ids=personalized_dirs,
+                personalized_state=lambda cid: self.personalized_state(global_state, cid),
+                label_counts=self.data.label_counts,
+            )
             publish_run(self.config, root)
 
         self._on_main_process(write_final)

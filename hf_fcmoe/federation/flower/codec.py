@@ -1,0 +1,128 @@
+"""What crosses the network, in Flower's records: adapter states, client updates, fingerprints.
+
+Tensors travel as `ArrayRecord`s in the adapter's own dtype. NumPy has no bfloat16, so a bf16 tensor is
+sent as its int16 bit pattern and the keys that need the view back are listed next to it; nothing is cast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from hf_fcmoe.aggregation.types import ClientUpdate, State
+
+BF16_KEYS = "bf16_keys"
+# model-config entries that name, place or run a model but do not change the adapter's shapes or meaning
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "_commit_hash",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "_experts_implementation",
+    "experts_implementation",
+    "use_cache",
+    "output_router_logits",
+    "architectures",
+}
+_LORA_KEYS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "target_parameters",
+    "modules_to_save",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "bias",
+    "layers_to_transform",
+)
+
+
+def state_to_records(state: State) -> tuple[ArrayRecord, list[str]]:
+    """An adapter state as an ArrayRecord, plus the keys sent as bf16 bit patterns."""
+    bf16 = sorted(key for key, tensor in state.items() if tensor.dtype == torch.bfloat16)
+    wire = {
+        key: (tensor.view(torch.int16) if key in bf16 else tensor).detach().cpu().contiguous()
+        for key, tensor in state.items()
+    }
+    return ArrayRecord(wire), bf16
+
+
+def records_to_state(arrays: ArrayRecord, bf16_keys: list[str] | tuple[str, ...] = ()) -> State:
+    state = dict(arrays.to_torch_state_dict())
+    for key in bf16_keys:
+        state[key] = state[key].view(torch.bfloat16)
+    return state
+
+
+def put_state(content: RecordDict, name: str, state: State) -> None:
+    """Store `state` under `name` (arrays) and `name.meta` (its bf16 keys) in a message's content."""
+    arrays, bf16 = state_to_records(state)
+    content[name] = arrays
+    content[f"{name}.meta"] = ConfigRecord({BF16_KEYS: ",".join(bf16)})
+
+
+def get_state(content: RecordDict, name: str) -> State | None:
+    if name not in content:
+        return None
+    meta = content.get(f"{name}.meta")
+    bf16 = [key for key in str(meta[BF16_KEYS]).split(",") if key] if meta is not None and BF16_KEYS in meta else []
+    return records_to_state(content[name], bf16)
+
+
+def state_wire_bytes(state: State) -> int:
+    """Bytes of the ArrayRecord that carries `state` (tensor payload plus NumPy's per-array header)."""
+    return state_to_records(state)[0].count_bytes()
+
+
+def fingerprint(model_config, lora_config) -> str:
+    """A short hash of what makes two adapters exchangeable: the base architecture and the LoraConfig."""
+    config = {k: v for k, v in model_config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    lora = {}
+    for key in _LORA_KEYS:
+        value = getattr(lora_config, key, None)
+        lora[key] = sorted(value) if isinstance(value, (set, list, tuple)) else value
+    text = json.dumps({"model": config, "lora": lora}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def update_to_content(update: ClientUpdate, node_fingerprint: str) -> RecordDict:
+    """A train reply: the update's state, and per client (not averaged) its sizes, counts and loss."""
+    content = RecordDict()
+    put_state(content, "update", update.state)
+    metrics = {"num_examples": int(update.num_examples)}
+    if update.train_loss is not None:
+        metrics["train_loss"] = float(update.train_loss)
+    metrics.update({key: value for key, value in update.metrics.items() if isinstance(value, (int, float))})
+    content["metrics"] = MetricRecord(metrics)
+    if update.expert_counts is not None:
+        content["expert_counts"] = ArrayRecord({"counts": update.expert_counts.to(torch.int64).contiguous()})
+    content["client"] = ConfigRecord({"client_id": update.client_id, "fingerprint": node_fingerprint})
+    return content
+
+
+def content_to_update(content: RecordDict) -> tuple[ClientUpdate, str]:
+    """The `ClientUpdate` of a train reply and the fingerprint the node reported; KeyError if a part is missing."""
+    client = content["client"]
+    metrics = dict(content["metrics"])
+    counts = None
+    if "expert_counts" in content:
+        counts = content["expert_counts"].to_torch_state_dict()["counts"]
+    num_examples = metrics.pop("num_examples")
+    train_loss = metrics.pop("train_loss", None)
+    update = ClientUpdate(
+        client_id=str(client["client_id"]),
+        state=get_state(content, "update"),
+        num_examples=num_examples,
+        expert_counts=counts,
+        train_loss=train_loss,
+        metrics=metrics,
+    )
+    return update, str(client["fingerprint"])
