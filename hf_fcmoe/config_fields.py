@@ -31,7 +31,11 @@ def check_known_keys(cls: type, keys: Iterable[str], where: str, prefix: str = "
     if not unknown:
         return
     key = unknown[0]
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    # the fields this class adds first: `lora_rank` should suggest our `lora_r`, not TrainingArguments' `local_rank`
+    own = [name for name in getattr(cls, "__annotations__", {}) if name in known]
+    close = difflib.get_close_matches(key, own, n=1, cutoff=0.6) or difflib.get_close_matches(
+        key, list(known), n=1, cutoff=0.6
+    )
     hint = f"; did you mean {prefix}{close[0]}?" if close else f"; see the fields with --help ({cls.__name__})"
     more = f" (and {len(unknown) - 1} more: {unknown[1:]})" if len(unknown) > 1 else ""
     raise ValueError(f"unknown key {prefix}{key} in {where}{more}{hint}")
