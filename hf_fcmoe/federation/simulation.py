@@ -29,6 +29,7 @@ from hf_fcmoe.aggregation.types import State
 from hf_fcmoe.config import FederatedMoEConfig
 from hf_fcmoe.data.federated import FederatedData, load_federated_data
 from hf_fcmoe.federation.client import ClientWorker, PreparedSplits, round_seed
+from hf_fcmoe.federation.personalization import build_personalizer
 from hf_fcmoe.federation.round_metrics import evaluate_round, state_nbytes
 from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights, save_adapter_folder
 from hf_fcmoe.models.families import get_family
@@ -116,6 +117,7 @@ class FederatedSimulation:
         self.layout = expert_layout_from_peft_model(self.model)
         self.hub = build_hub(config, self.layout)
         self.worker = ClientWorker(self.model, self.tokenizer, config)
+        self.personalizer = build_personalizer(config, self.worker, self.layout)  # None: the hub's retention
         self.splits: dict[str, PreparedSplits] = {}
         self.residuals: dict[str, State] = {}
 
@@ -143,6 +145,12 @@ class FederatedSimulation:
         """The client's own adapter: global + scale * residual (FC-MoE retention; `local`: its own trained state)."""
         return _add_scaled(global_state, self.residuals.get(client_id), self.personal_scale)
 
+    def start_state(self, global_state: State, client_id: str, retained: State | None) -> State:
+        """Where a client's round starts: its personalized state, or with a personalizer global + retained."""
+        if self.personalizer is not None:
+            return _add_scaled(global_state, retained, 1.0)
+        return self.personalized_state(global_state, client_id)
+
     @property
     def keeps_own_state(self) -> bool:
         """`local`: each client keeps training its own adapter; it is stored as the residual own - global."""
@@ -150,6 +158,8 @@ class FederatedSimulation:
 
     @property
     def personal_scale(self) -> float:
+        if self.personalizer is not None:  # residuals are personal - global
+            return 1.0
         return 1.0 if self.keeps_own_state else self.hub_retention
 
     def _new_residuals(self, result: AggregationResult) -> dict[str, State]:
@@ -163,6 +173,8 @@ class FederatedSimulation:
     def retained_part(self, client_id: str) -> State | None:
         """lambda * residual of a client (what its start state adds to the global), or None."""
         residual = self.residuals.get(client_id)
+        if self.personalizer is not None:
+            return self.personalizer.retained(residual)
         if residual is None or self.hub_retention == 0:
             return None
         return {key: self.hub_retention * tensor.float() for key, tensor in residual.items()}
@@ -235,14 +247,18 @@ class FederatedSimulation:
                     self.worker.train(
                         cid,
                         self.splits[cid],
-                        self.personalized_state(global_state, cid),
+                        self.start_state(global_state, cid, retained),
                         seed=round_seed(self.config.seed, round_index, client_ids.index(cid)),
                         retained=retained,
                     )
                 )
             result = self.hub.aggregate(global_state, updates, round=round_index)
-            global_state = result.global_state
+            old_global, global_state = global_state, result.global_state
             self.residuals.update(self._new_residuals(result))
+            if self.personalizer is not None:
+                self.residuals = self.personalizer.after_round(
+                    round_index, old_global, global_state, updates, self.residuals, self.splits, client_ids
+                )
             row = self._evaluate(round_index, global_state, result, updates, time.perf_counter() - started)
             self._checkpoint(round_index, global_state, updates, row)
             rounds.set_postfix(
