@@ -68,6 +68,16 @@ class Personalizer:
             return None
         return {key: residual[key].float() for key in self.router_keys}
 
+    @staticmethod
+    def start_state(global_state: State, retained: State | None) -> State:
+        """global + retained on the retained keys (the personal router), the global elsewhere."""
+        if retained is None:
+            return global_state
+        return {
+            key: (tensor.float() + retained[key]).to(tensor.dtype) if key in retained else tensor
+            for key, tensor in global_state.items()
+        }
+
     def after_round(
         self,
         round_index: int,

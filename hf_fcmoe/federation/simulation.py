@@ -148,7 +148,7 @@ class FederatedSimulation:
     def start_state(self, global_state: State, client_id: str, retained: State | None) -> State:
         """Where a client's round starts: its personalized state, or with a personalizer global + retained."""
         if self.personalizer is not None:
-            return _add_scaled(global_state, retained, 1.0)
+            return self.personalizer.start_state(global_state, retained)
         return self.personalized_state(global_state, client_id)
 
     @property
