@@ -134,9 +134,10 @@ def write_regime_summary(bench: BenchConfig, cells: list[RegimeCell], seconds: f
             else "No configuration meets the goal (better than the tuned FedAvg globally and than local training "
             "personalized, every seed) in every cell."
         ),
-        "| method | cells where the goal is met |",
-        "|---|---|",
-        *[f"| {method} | {sum(flags)}/{len(flags)} |" for method, flags in goal.items()],
+        "\n".join(
+            ["| method | cells where the goal is met |", "|---|---|"]
+            + [f"| {method} | {sum(flags)}/{len(flags)} |" for method, flags in goal.items()]
+        ),
     ]
     path = Path(bench.output_dir) / "report.md"
     path.parent.mkdir(parents=True, exist_ok=True)
