@@ -46,6 +46,8 @@ MODES = {
     "fedavg": ("fedavg", {}),
     "fcmoe-factor": ("fcmoe", {"lowrank": "factor"}),
     "fcmoe-factor-noret": ("fcmoe", {"lowrank": "factor", "retention": False}),
+    # conflicts decided on the concatenated factors (the default before issue 16 moved them to the products)
+    "fcmoe-factor-factorspace": ("fcmoe", {"lowrank": "factor", "conflict_space": "factor"}),
     "fcmoe-exact": ("fcmoe", {"lowrank": "exact"}),
     "dense": (None, {}),
 }

@@ -108,6 +108,18 @@ class FederatedMoEConfig(SFTConfig):
         default=0.5, metadata={"help": "FC-MoE local knowledge retention: weight of the kept residual."}
     )
     proximal_mu: float = field(default=0.0, metadata={"help": "FedProx proximal term mu (0 = off)."})
+    # --- personalization baselines (federation/personalization.py); None keeps the hub's own (FC-MoE retention)
+    personalization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Per-client adapters besides the hub's: finetune (the final global fine-tuned one round per "
+            "client), ditto (a personal adapter with a proximal term towards the global), personal_router (experts "
+            "federated, each client's router LoRA kept local)."
+        },
+    )
+    personalization_mu: float | None = field(
+        default=None, metadata={"help": "Ditto's proximal weight mu in mu/2 ||w_p - w_g||^2 (default 0.1)."}
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of federated evaluation."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start over when output_dir already holds a run (else: error or --resume)."}

@@ -177,7 +177,8 @@ def factor_deltas(layout, pair, glob, updates):
 def test_no_conflict_equals_importance_weighted_average(layout):
     glob = make_state(layout, 0)
     updates = make_updates(layout, glob, common=30.0)  # a dominant shared direction: no negative cosines
-    result = AggregationHub(layout, "fcmoe", kappa=None).aggregate(glob, updates)
+    # factor-space norms and conflicts (the default decides them on the products: tests/test_conflict_space.py)
+    result = AggregationHub(layout, "fcmoe", kappa=None, conflict_space="factor").aggregate(glob, updates)
     assert result.diagnostics["conflict_rate"] == 0.0
     sizes = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
     for layer in range(layout.num_layers):

@@ -22,7 +22,12 @@ import torch
 
 from hf_fcmoe.adapters.layout import ExpertLayout, LoraPair, split_expert_a, split_expert_b
 from hf_fcmoe.aggregation import lowrank, streaming
-from hf_fcmoe.aggregation.projection import consensus_projection, pcgrad_coefficients
+from hf_fcmoe.aggregation.projection import (
+    Projection,
+    consensus_projection,
+    deviation_coefficients,
+    pcgrad_coefficients,
+)
 from hf_fcmoe.aggregation.rounds import Round
 from hf_fcmoe.aggregation.ties_pair import ties_pair
 from hf_fcmoe.aggregation.weighting import importance_weights, normalize_rows, size_weights
@@ -59,6 +64,10 @@ class BlockRound:
         self.eta, self.uses_retention = server_lr, uses_retention
         self.rd, self.round_index = rd, round_index
         self.exact = options.get("lowrank", "factor") == "exact"
+        # fcmoe decides conflicts on the product deltas B_i A_i - B_g A_g (gauge-invariant, through r x r Grams)
+        # unless conflict_space is 'factor'; exact mode always does
+        self.product_space = self.exact or (method == "fcmoe" and options.get("conflict_space") == "product")
+        self.per_module = method == "fcmoe" and options.get("conflict_granularity") == "module"
         self.jobs: list[_ExactJob] = []
 
     def run(self) -> set[str]:
@@ -117,18 +126,45 @@ class BlockRound:
             # with projection off (the importance-only ablation) conflicts are still measured, not acted on
             proj = consensus_projection(gram, weights, self.options["leave_one_out"])
             if layer is not None:
-                rd.conflicts[layer] += proj.conflict.sum(-1)
-                rd.cosine_sum[layer] += torch.where(active, proj.cosine, torch.zeros_like(proj.cosine)).sum()
-            if self.options["projection"]:
-                return proj.merge_coef, proj.residual_coef if self.uses_retention else None
+                self._record(layer, proj.conflict, proj.cosine, active)
+            return self._fcmoe_coefficients(proj, weights)
         return weights, None
+
+    def _record(self, layer: int, conflict: torch.Tensor, cosine: torch.Tensor, active: torch.Tensor) -> None:
+        self.rd.conflicts[layer] += conflict.sum(-1)
+        self.rd.cosine_sum[layer] += torch.where(active, cosine, torch.zeros_like(cosine)).sum()
+
+    def _fcmoe_coefficients(self, proj: Projection, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Merge and residual coefficients of fcmoe from its projection (and retention target)."""
+        merge = proj.merge_coef if self.options["projection"] else weights
+        if not self.uses_retention:
+            return merge, None
+        if self.options["retention_target"] == "deviation":
+            return merge, deviation_coefficients(merge, weights > 0, self.eta)
+        return merge, proj.residual_coef if self.options["projection"] else None
+
+    def _module_transforms(self, layer: int, pair_grams: list[torch.Tensor], weights: torch.Tensor) -> list[tuple]:
+        """conflict_granularity 'module': one conflict decision per LoRA pair of the expert (gate_up, down, ...)
+        with the expert's weights; a (client, expert) counts as conflicting when any of its modules does."""
+        projs = [consensus_projection(g, weights, self.options["leave_one_out"]) for g in pair_grams]
+        conflict = torch.stack([p.conflict for p in projs]).any(0)
+        cosine = torch.stack([p.cosine for p in projs]).mean(0)
+        self._record(layer, conflict, cosine, weights > 0)
+        return [self._fcmoe_coefficients(p, weights) for p in projs]
 
     # ----------------------------------------------------------------- pairs
     def _grams(self, pair: LoraPair):
         """Factor mode: the (E, N, N) delta Gram. Exact mode: (stacked G_B, G_A, product-space delta Gram)."""
         rd = self.rd
         if not self.exact:
+            if self.product_space:
+                return self._product_grams(pair)[2]
             return streaming.delta_gram(rd.sources(pair.b_key), rd.sources(pair.a_key), pair.num_experts)
+        return self._product_grams(pair)
+
+    def _product_grams(self, pair: LoraPair):
+        """(stacked G_B, G_A, (E, N, N) inner products of the product deltas B_n A_n - B_g A_g)."""
+        rd = self.rd
         gram_b, gram_a = streaming.stacked_grams(rd.sources(pair.b_key), rd.sources(pair.a_key), pair.num_experts)
         k = lowrank.product_gram(gram_b, gram_a, pair.rank) * pair.scaling**2
         delta = k[:, 1:, 1:] - k[:, 1:, :1] - k[:, :1, 1:] + k[:, :1, :1]
@@ -149,8 +185,11 @@ class BlockRound:
             gram = sum(g[2] for g in grams) if self.exact else sum(grams)
         weights = self._base_weights(layer, gram)
         rd.expert_weights[layer] = weights
-        merge, residual = self._transform(layer, gram, weights)
-        for pair, pair_grams in zip(pairs, grams):
+        if self.per_module and gram is not None:
+            per_pair = self._module_transforms(layer, [g[2] if self.exact else g for g in grams], weights)
+        else:
+            per_pair = [self._transform(layer, gram, weights)] * len(pairs)
+        for pair, pair_grams, (merge, residual) in zip(pairs, grams, per_pair):
             if self.exact:
                 self._queue_exact(pair, pair_grams, merge, residual, ref_coef=merge, untouched=True)
             else:

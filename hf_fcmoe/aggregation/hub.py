@@ -86,6 +86,15 @@ class AggregationHub:
         leave_one_out (fcmoe, default False): compare each client with the consensus of the *other* clients.
             Default False follows the paper's formula; with few clients a client's own share of the consensus
             hides its conflicts, which leave-one-out reveals.
+        conflict_space (fcmoe, default "product"): where norms, cosines and conflicts are measured. product: on the
+            product deltas ``B_i A_i - B_g A_g`` through r x r Gram matrices (gauge-invariant: (B Y^-1, Y A) is the
+            same adapter), in factor mode too; factor: on the concatenated factor deltas (cheaper Grams, but a
+            client can look conflicting only because of its factors' gauge). Exact mode always uses products.
+        conflict_granularity (fcmoe, default "expert"): "expert" decides one conflict per (client, expert) over
+            all its LoRA modules; "module" decides per module (gate_up and down separately).
+        retention_target (fcmoe, default "projected"): what a client retains: "projected" the part projected
+            away (the paper), "deviation" its whole deviation from the new global (``trained_i - global``), so
+            the personalized adapter is ``global + retention_lambda * (trained_i - global)`` on the experts.
         mu (fedprox, default 0.01): the client-side proximal coefficient (not used by the hub itself).
         beta1, beta2, tau (fedadam/fedyogi; 0.9, 0.99, 1e-3): server optimizer constants.
         density (ties/dare_ties, default 0.2): fraction of entries kept per client delta.

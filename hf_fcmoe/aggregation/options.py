@@ -16,6 +16,9 @@ DEFAULTS: dict[str, dict] = {
         "kappa": 2.0,
         "projection": True,
         "leave_one_out": False,
+        "conflict_space": "product",
+        "conflict_granularity": "expert",
+        "retention_target": "projected",
     },
     "fedavg": dict(_LOWRANK),
     "fedprox": {**_LOWRANK, "mu": 0.01},
@@ -46,6 +49,14 @@ def resolve_options(method: str, server_lr: float, options: dict) -> dict:
         raise ValueError(f"density must be in (0, 1], got {opts['density']!r}")
     if opts.get("majority_sign_method", "total") not in ("total", "frequency"):
         raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {opts['majority_sign_method']!r}")
+    if opts.get("conflict_space", "product") not in ("product", "factor"):
+        raise ValueError(f"conflict_space must be 'product' or 'factor', got {opts['conflict_space']!r}")
+    if opts.get("conflict_space") == "factor" and opts.get("lowrank") == "exact":
+        raise ValueError("conflict_space 'factor' needs lowrank 'factor': exact mode always measures products")
+    if opts.get("conflict_granularity", "expert") not in ("expert", "module"):
+        raise ValueError(f"conflict_granularity must be 'expert' or 'module', got {opts['conflict_granularity']!r}")
+    if opts.get("retention_target", "projected") not in ("projected", "deviation"):
+        raise ValueError(f"retention_target must be 'projected' or 'deviation', got {opts['retention_target']!r}")
     if opts.get("retention_lambda", 0.0) < 0:
         raise ValueError(f"retention_lambda must be >= 0, got {opts['retention_lambda']!r}")
     if opts.get("kappa") is not None and opts.get("kappa", 1.0) <= 0:

@@ -70,6 +70,18 @@ def consensus_projection(gram: torch.Tensor, weights: torch.Tensor, leave_one_ou
     return Projection(merge_coef, residual_coef, alpha, cosine, conflict)
 
 
+def deviation_coefficients(merge: torch.Tensor, active: torch.Tensor, eta: float) -> torch.Tensor:
+    """(B, N, N): client i's whole deviation from the new global, ``rho_i = d_i - eta * sum_j merge_j d_j``.
+
+    The retention variant ``personalized = global + lambda * (trained_i - global)``: with lambda = 1 a client
+    keeps exactly what it trained, with 0 it takes the global. Zero rows for inactive clients (weight 0).
+    """
+    num = merge.shape[-1]
+    eye = torch.eye(num, dtype=merge.dtype, device=merge.device)
+    coef = eye - eta * merge.unsqueeze(-2)
+    return torch.where(active.unsqueeze(-1), coef, torch.zeros_like(coef))
+
+
 def pcgrad_coefficients(gram: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FedGH / PCGrad: each active client's delta is projected off every other active delta it conflicts with.
 

@@ -8,7 +8,8 @@ start from the same data split and the same adapter: differences between them ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,15 @@ class BenchConfig:
         default=None,
         metadata={"help": "PretrainConfig fields of a tiny base trained first (and reused); None: run.model_name."},
     )
+    # --- regime sweep (bench/regimes.py)
+    regimes: dict[str, dict[str, Any]] | None = field(
+        default=None,
+        metadata={
+            "help": "Regime name -> overrides of this benchmark (dotted keys: run.max_steps, pretrain.top_k, "
+            "alphas, ...): every regime is a whole benchmark in <output_dir>/<name>, and one summary report "
+            "compares them (conflict rate, paired gains vs the tuned FedAvg and vs local training)."
+        },
+    )
 
     def method_overrides(self) -> dict[str, dict[str, Any]]:
         """Every method of the grid, the FedAvg server-step grid included, with its run overrides."""
@@ -79,7 +89,21 @@ class BenchConfig:
         }
         return {**grid, **self.methods}
 
+    def regime_benches(self) -> dict[str, BenchConfig]:
+        """One `BenchConfig` per regime: this one with the regime's overrides, in its own folder."""
+        shared = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.init and f.name != "regimes"}
+        benches = {}
+        for name, overrides in (self.regimes or {}).items():
+            values = _apply_overrides(shared, overrides or {})
+            values["output_dir"] = str(Path(self.output_dir) / name)
+            benches[name] = BenchConfig(**values)
+        return benches
+
     def __post_init__(self):
+        if self.regimes is not None:
+            bad = sorted(name for name in self.regimes if not name or "/" in name or name.startswith("."))
+            if bad or not self.regimes:
+                raise ValueError(f"regimes must map folder names (no '/') to overrides, got {bad or 'none'}")
         if not self.fedavg_server_lrs:
             raise ValueError("fedavg_server_lrs must name at least one server step: FedAvg is the reference")
         if any(alpha <= 0 for alpha in self.alphas):

@@ -118,6 +118,10 @@ def run_bench(bench: BenchConfig, progress: bool = True, command: str | None = N
     """Run (or continue) the whole grid and write ``report.md``; returns the report path."""
     from hf_fcmoe.bench.report import write_bench_report
 
+    if bench.regimes:
+        from hf_fcmoe.bench.regimes import run_regimes
+
+        return run_regimes(bench, progress, command)
     started = time.perf_counter()
     base = prepare_base(bench)
     plans = plan_runs(bench, base)

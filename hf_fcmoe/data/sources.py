@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from hf_fcmoe.data.corpora import BUNDLED_CORPORA
+from hf_fcmoe.data.disagreement import synthetic_disagreement
 from hf_fcmoe.data.synthetic import synthetic_domains
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -25,6 +26,10 @@ BUNDLED: dict[str, Callable[[str | None, int | None, int], Dataset]] = {
     # dataset_config of synthetic_domains: a comma-separated subset of its domains ("sort,count")
     "synthetic_domains": lambda config, num_examples, seed: synthetic_domains(
         num_examples or 2048, domains=config.split(",") if config else None, seed=seed
+    ),
+    # dataset_config of synthetic_disagreement: "rules;shared" ("sort,reverse,upper,vowels;multiply,count")
+    "synthetic_disagreement": lambda config, num_examples, seed: synthetic_disagreement(
+        num_examples or 2048, config=config, seed=seed
     ),
     **{name: (lambda config, num_examples, seed, make=make: make(config)) for name, make in BUNDLED_CORPORA.items()},
 }

@@ -27,6 +27,7 @@ from hf_fcmoe.data.federated import FederatedData, load_federated_data
 from hf_fcmoe.federation import server_state
 from hf_fcmoe.federation.client import ClientWorker, PreparedSplits, round_seed
 from hf_fcmoe.federation.faults import check_accepted, collect_round, crash_point
+from hf_fcmoe.federation.personalization import build_personalizer
 from hf_fcmoe.federation.retention import add_scaled, hub_retention, new_residuals, scaled
 from hf_fcmoe.federation.round_metrics import evaluate_round
 from hf_fcmoe.federation.run_dir import RunDirectory
@@ -92,6 +93,7 @@ class FederatedSimulation:
         self.fingerprint_configs = (self.model.get_base_model().config.to_dict(), self.lora_config.to_dict())
         self.hub.announce(*self.fingerprint_configs)  # every update must come from this base + adapter config
         self.worker = ClientWorker(self.model, self.tokenizer, config)
+        self.personalizer = build_personalizer(config, self.worker, self.layout)  # None: the hub's retention
         self.splits: dict[str, PreparedSplits] = {}
         self.residuals: dict[str, State] = {}
         self.tracker = FederationTracker(config, is_main_process=self.process.is_main_process)
@@ -110,6 +112,12 @@ class FederatedSimulation:
         """The client's own adapter: global + scale * residual (FC-MoE retention; `local`: its own trained state)."""
         return add_scaled(global_state, self.residuals.get(client_id), self.personal_scale)
 
+    def start_state(self, global_state: State, client_id: str, retained: State | None) -> State:
+        """Where a client's round starts: its personalized state, or with a personalizer global + retained."""
+        if self.personalizer is not None:
+            return self.personalizer.start_state(global_state, retained)
+        return self.personalized_state(global_state, client_id)
+
     @property
     def keeps_own_state(self) -> bool:
         """`local`: each client keeps training its own adapter; it is stored as the residual own - global."""
@@ -117,6 +125,8 @@ class FederatedSimulation:
 
     @property
     def personal_scale(self) -> float:
+        if self.personalizer is not None:  # residuals are personal - global
+            return 1.0
         return 1.0 if self.keeps_own_state else self.hub_retention
 
     def _new_residuals(self, result: AggregationResult) -> dict[str, State]:
@@ -124,6 +134,8 @@ class FederatedSimulation:
 
     def retained_part(self, client_id: str) -> State | None:
         """lambda * residual of a client (what its start state adds to the global), or None."""
+        if self.personalizer is not None:
+            return self.personalizer.retained(self.residuals.get(client_id))
         return scaled(self.residuals.get(client_id), self.hub_retention)
 
     @property
@@ -194,8 +206,12 @@ class FederatedSimulation:
             result.diagnostics["dropped"] = dropped
             crash_point("aggregated", round_index)
             check_accepted(result.diagnostics, self.config, round_index)
-            global_state = result.global_state
+            old_global, global_state = global_state, result.global_state
             self.residuals.update(self._new_residuals(result))
+            if self.personalizer is not None:
+                self.residuals = self.personalizer.after_round(
+                    round_index, old_global, global_state, updates, self.residuals, self.splits, client_ids
+                )
             row = self._evaluate(round_index, global_state, result, updates, time.perf_counter() - started)
             self._checkpoint(round_index, global_state, updates, row)
             self._on_main_process(lambda t=round_index: publish_round(self.config, self.run_dir.root, t))
@@ -208,12 +224,13 @@ class FederatedSimulation:
 
     def _train_client(self, global_state: State, round_index: int, cid: str, callbacks: list) -> ClientUpdate:
         seed = round_seed(self.config.seed, round_index, self.data.client_ids.index(cid))
+        retained = self.retained_part(cid)
         update = self.worker.train(
             cid,
             self.splits[cid],
-            self.personalized_state(global_state, cid),
+            self.start_state(global_state, cid, retained),
             seed=seed,
-            retained=self.retained_part(cid),
+            retained=retained,
             callbacks=callbacks,
         )
         return finish_update(update, global_state, self.config, *self.fingerprint_configs, round_index, seed)

@@ -1,0 +1,158 @@
+"""A regime sweep: several whole benchmarks (scenario, routing, experts, local steps, alpha) and one summary.
+
+Each regime is a `BenchConfig` of its own (`BenchConfig.regime_benches`) run by `run_bench` into
+``<output_dir>/<regime>/`` (its full report included), so finished runs are reused exactly as in a single
+benchmark. The summary compares, per regime and alpha, every method with the two references that matter:
+the tuned FedAvg on the global metric and local training on the personalized one (plus FedAvg followed by
+local fine-tuning, when the grid has it), paired per seed, with the conflict rate FC-MoE measured there.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from hf_fcmoe.bench.analysis import PairedDifference, paired_difference
+from hf_fcmoe.bench.config import BenchConfig
+from hf_fcmoe.federation.run_dir import RunDirectory
+
+LOCAL = "local"
+FINETUNE = "fedavg-ft"
+
+
+def _collect(bench: BenchConfig, base: str | None) -> dict[tuple[str, float, int], list[dict]]:
+    """Metric rows of every finished run of one regime (read from its run directories)."""
+    from hf_fcmoe.bench.runner import plan_runs
+
+    results = {}
+    for plan in plan_runs(bench, base):
+        run_dir = RunDirectory(plan.output_dir)
+        if run_dir.metrics_file.exists():
+            rows = run_dir.read_metrics()
+            if rows and rows[-1]["round"] == int(plan.overrides["num_rounds"]):
+                results[(plan.method, plan.alpha, plan.seed)] = rows
+    return results
+
+
+def _gain(diff: PairedDifference | None) -> str:
+    if diff is None or diff.seeds == 0:
+        return "-"
+    return f"{diff.mean:+.4f} ({diff.wins}/{diff.seeds})"
+
+
+def _wins_all(diff: PairedDifference | None) -> bool:
+    return diff is not None and diff.seeds > 0 and diff.wins == diff.seeds
+
+
+class RegimeCell:
+    """One (regime, alpha): summaries, the references and every method's paired gains."""
+
+    def __init__(self, name: str, bench: BenchConfig, results: dict, alpha: float):
+        from hf_fcmoe.bench.analysis import metric_for_task
+        from hf_fcmoe.bench.report import AlphaSection
+
+        self.name, self.alpha = name, alpha
+        self.metric = metric_for_task(str(bench.run.get("task", "lm")))
+        self.section = AlphaSection(bench, results, alpha, self.metric)
+        self.seconds = sum(
+            sum(float(row.get("seconds") or 0.0) for row in rows) for (_, a, _), rows in results.items() if a == alpha
+        )
+        self.runs = sum(1 for (_, a, _) in results if a == alpha)
+
+    def diff(self, method: str, attribute: str, reference: str) -> PairedDifference | None:
+        summaries = self.section.summaries
+        if method not in summaries or reference not in summaries or method == reference:
+            return None
+        return paired_difference(
+            self.section.values(method, attribute), self.section.values(reference, attribute), self.metric
+        )
+
+    def meets_goal(self, method: str) -> bool:
+        """Better than the tuned FedAvg globally and than local training personalized, on every seed."""
+        return _wins_all(self.diff(method, "final_global", self.section.reference)) and _wins_all(
+            self.diff(method, "final_local", LOCAL)
+        )
+
+    def table(self) -> str:
+        lines = [
+            "| method | global final | gain vs tuned FedAvg: global (wins) | personalized final | gain vs local: "
+            "personalized (wins) | gain vs FedAvg+fine-tune: personalized (wins) | conflict rate | goal met |",
+            "|---" * 8 + "|",
+        ]
+        section = self.section
+        for method, per_seed in section.summaries.items():
+            conflicts = [s.conflict_rate for s in per_seed.values() if s.conflict_rate is not None]
+            name = f"**{method}** (tuned FedAvg)" if method == section.reference else method
+            cells = [
+                name,
+                f"{statistics.fmean(section.values(method, 'final_global').values()):.4f}",
+                "reference"
+                if method == section.reference
+                else _gain(self.diff(method, "final_global", section.reference)),
+                f"{statistics.fmean(section.values(method, 'final_local').values()):.4f}",
+                "reference" if method == LOCAL else _gain(self.diff(method, "final_local", LOCAL)),
+                "reference" if method == FINETUNE else _gain(self.diff(method, "final_local", FINETUNE)),
+                f"{statistics.fmean(conflicts):.3f}" if conflicts else "-",
+                "yes" if self.meets_goal(method) else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def write_regime_summary(bench: BenchConfig, cells: list[RegimeCell], seconds: float, command: str | None) -> Path:
+    """``<output_dir>/report.md``: one table per (regime, alpha) and the goal check over all of them."""
+    sections = [
+        "# Regime sweep",
+        f"Command: `{command or 'hf-fcmoe bench --config <recipe>'}` (this invocation: {seconds / 60:.1f} min; "
+        "finished runs are read back, not retrained). Every regime's full report (curves, partitions, routing of "
+        "its base) is `<regime>/report.md`.",
+        "Per cell: final global eval loss of the global adapter (union of client eval splits) and final "
+        "personalized eval loss (each client's own adapter on its own split, mean over clients; methods without "
+        "personalization use the global adapter). Gains are paired per seed (positive = better) and wins count "
+        "the seeds on which the method was better. References: the tuned FedAvg (best server step of the grid by "
+        "mean final global loss) for the global metric; local training and FedAvg followed by one round of local "
+        "fine-tuning (`fedavg-ft`) for the personalized one. Conflict rate: share of active (client, expert) "
+        "updates FC-MoE flagged, mean over rounds. Goal met: better than the tuned FedAvg globally AND better than "
+        "local training personalized, on every seed.",
+    ]
+    goal: dict[str, list[bool]] = {}
+    for cell in cells:
+        sections += [
+            f"## {cell.name}, alpha = {cell.alpha:g}",
+            f"{cell.runs} runs, {cell.seconds / 60:.1f} min of training and aggregation (sum over runs, rounds only).",
+            cell.table(),
+        ]
+        for method in cell.section.summaries:
+            goal.setdefault(method, []).append(cell.meets_goal(method))
+    met = [method for method, flags in goal.items() if flags and all(flags)]
+    sections += [
+        "## Goal check over every cell",
+        (
+            f"Configurations that meet the goal in every cell: {', '.join(f'`{m}`' for m in met)}."
+            if met
+            else "No configuration meets the goal (better than the tuned FedAvg globally and than local training "
+            "personalized, every seed) in every cell."
+        ),
+        "\n".join(
+            ["| method | cells where the goal is met |", "|---|---|"]
+            + [f"| {method} | {sum(flags)}/{len(flags)} |" for method, flags in goal.items()]
+        ),
+    ]
+    path = Path(bench.output_dir) / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(sections) + "\n")
+    return path
+
+
+def run_regimes(bench: BenchConfig, progress: bool = True, command: str | None = None) -> Path:
+    """Run every regime's benchmark in turn, then write the summary; returns its path."""
+    from hf_fcmoe.bench.runner import prepare_base, run_bench
+
+    started = time.perf_counter()
+    cells = []
+    for name, sub in bench.regime_benches().items():
+        run_bench(sub, progress=progress, command=command)
+        results = _collect(sub, prepare_base(sub))
+        cells += [RegimeCell(name, sub, results, alpha) for alpha in sub.alphas]
+    return write_regime_summary(bench, cells, time.perf_counter() - started, command)

@@ -1,0 +1,93 @@
+"""The regime sweep (bench `regimes`) and the disagreement scenario it runs on (issue 16)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from hf_fcmoe.bench import load_bench_config, run_bench
+from hf_fcmoe.data.disagreement import synthetic_disagreement
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bench" / "regimes.yaml"
+
+SMOKE = {
+    "seeds": [0],
+    "workers": 1,
+    "fedavg_server_lrs": [1.0],
+    "methods": {
+        "fcmoe": {"aggregation_method": "fcmoe"},
+        "fedavg-ft": {"aggregation_method": "fedavg", "personalization": "finetune"},
+        "local": {"aggregation_method": "local"},
+    },
+    "pretrain.hidden_size": 64,
+    "pretrain.intermediate_size": 64,
+    "pretrain.num_hidden_layers": 2,
+    "pretrain.num_experts": 4,
+    "pretrain.max_steps": 10,
+    "pretrain.examples_per_corpus": 60,
+    "pretrain.max_length": 48,
+    "run.num_examples": 160,
+    "run.num_clients": 2,
+    "run.min_partition_size": 16,
+    "run.num_rounds": 1,
+    "run.max_steps": 1,
+}
+
+
+def test_disagreement_rows_contradict_on_map_and_agree_on_shared_skills():
+    data = synthetic_disagreement(2000, seed=0)
+    answers = defaultdict(set)
+    for text, label, kind in zip(data["text"], data["label"], data["kind"]):
+        prompt, answer = text.rsplit(" = ", 1)
+        answers[(kind, prompt)].add((label, answer))
+    contradicted = [v for (kind, _), v in answers.items() if kind == "conflicting" and len({a for _, a in v}) > 1]
+    assert len(contradicted) > 50  # the same prompt, different correct answers in different groups
+    shared = [v for (kind, _), v in answers.items() if kind == "shared" and len({g for g, _ in v}) > 1]
+    assert shared and all(len({a for _, a in v}) == 1 for v in shared)  # shared skills: one answer everywhere
+    assert set(data["label"]) == {"sort", "reverse", "upper", "vowels"}
+    with pytest.raises(ValueError, match="nope"):
+        synthetic_disagreement(10, config="sort,nope")
+    with pytest.raises(ValueError, match="at least 2"):
+        synthetic_disagreement(10, config="sort")
+
+
+def test_regimes_recipe_covers_both_scenarios_and_every_baseline():
+    bench = load_bench_config(RECIPE)
+    regimes = bench.regime_benches()
+    assert {b.run["dataset_name"] for b in regimes.values()} == {"synthetic_domains", "synthetic_disagreement"}
+    assert {b.pretrain["top_k"] for b in regimes.values()} == {1, 2}
+    assert {b.pretrain["num_experts"] for b in regimes.values()} == {8, 16}
+    assert {b.run["max_steps"] for b in regimes.values()} == {10, 50}
+    assert {a for b in regimes.values() for a in b.alphas} == {0.1, 1.0}
+    assert all(len(b.seeds) >= 3 for b in regimes.values())
+    required = {"fcmoe", "fcmoe-factor-space", "fcmoe-importance-only", "fedavg-ft", "ditto", "personal-router"}
+    assert required | {"local"} <= set(bench.methods)
+    for name, sub in regimes.items():
+        assert sub.output_dir == str(Path(bench.output_dir) / name) and not sub.regimes
+    with pytest.raises(ValueError, match="regimes"):
+        load_bench_config(RECIPE, {"regimes": {"a/b": {}}})
+
+
+@pytest.mark.slow  # ~1 min on a quiet 2-core machine (a tiny pretraining and 8 tiny runs)
+def test_regime_sweep_smoke_writes_one_summary(tmp_path):
+    overrides = {
+        **SMOKE,
+        "output_dir": str(tmp_path / "sweep"),
+        "pretrain.output_dir": str(tmp_path / "base"),
+        "regimes": {
+            "labelskew": {},
+            "disagreement": {"run.dataset_name": "synthetic_disagreement", "run.dataset_config": None},
+        },
+    }
+    report = run_bench(load_bench_config(RECIPE, overrides), progress=False, command="pytest regimes")
+    text = report.read_text()
+    assert "## labelskew, alpha = 0.1" in text and "## disagreement, alpha = 0.1" in text
+    assert "gain vs local: personalized" in text and "## Goal check over every cell" in text
+    rows = [line for line in text.splitlines() if line.startswith("| fcmoe |") and line.count("|") > 4]
+    assert len(rows) == 2
+    for line in rows:
+        assert line.count("(") >= 3  # paired gains vs FedAvg, local and FedAvg+fine-tune, with wins
+    for regime in ("labelskew", "disagreement"):
+        assert (tmp_path / "sweep" / regime / "report.md").exists()
