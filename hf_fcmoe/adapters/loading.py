@@ -15,6 +15,8 @@ from pathlib import Path
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM
 
+from hf_fcmoe.adapters.peft_quirks import muted_checkpointing_probe
+
 
 def resolve_base_model(adapter_dir: str | Path) -> str:
     """The base model an adapter folder names: a Hub id, or a local folder resolved against `adapter_dir`."""
@@ -36,7 +38,8 @@ def resolve_base_model(adapter_dir: str | Path) -> str:
 
 def load_adapter_model(adapter: str | Path, revision: str | None = None, **kwargs) -> PeftModel:
     """`PeftModel` of a run's adapter folder (global/, personalized/<id>/, rounds/<t>/global/) or a Hub repo."""
-    if not Path(adapter).is_dir():
-        return AutoPeftModelForCausalLM.from_pretrained(str(adapter), revision=revision, **kwargs)
-    base = AutoModelForCausalLM.from_pretrained(resolve_base_model(adapter), **kwargs)
-    return PeftModel.from_pretrained(base, str(adapter), **kwargs)
+    with muted_checkpointing_probe():
+        if not Path(adapter).is_dir():
+            return AutoPeftModelForCausalLM.from_pretrained(str(adapter), revision=revision, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(resolve_base_model(adapter), **kwargs)
+        return PeftModel.from_pretrained(base, str(adapter), **kwargs)

@@ -9,7 +9,6 @@ device, so the aggregation server gets the exact layout of a 47B Mixtral without
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +17,7 @@ from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from hf_fcmoe.adapters.layout import ExpertLayout, LoraPair, layer_index
+from hf_fcmoe.adapters.peft_quirks import muted_checkpointing_probe
 from hf_fcmoe.models.families import MoEFamily, get_family
 
 ADAPTER_NAME = "default"
@@ -75,13 +75,8 @@ def build_lora_config(
 
 
 def _get_peft_model(model, lora_config: LoraConfig) -> PeftModel:
-    """`get_peft_model` on a copy of the config (PEFT mutates it).
-
-    PEFT 0.21 probes the deprecated `model.is_gradient_checkpointing` property, which warns under
-    transformers 5.x on every call; that one warning is dependency code we cannot avoid, so it alone is muted.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    """`get_peft_model` on a copy of the config (PEFT mutates it), without PEFT's deprecation probe warning."""
+    with muted_checkpointing_probe():
         return get_peft_model(model, copy.deepcopy(lora_config))
 
 
