@@ -23,7 +23,7 @@ def test_demo_recipe_personalizes(tmp_path):
     assert all(any(t.abs().max() > 0 for t in load_file(str(p)).values()) for p in residuals)
     final = rows[-1]
     for cid, local in final["local_eval_loss_per_client"].items():
-        assert local < final["global_eval_loss_per_client"][cid], cid  # each client's own adapter is better on its data
+        assert local < final["global_eval_loss_per_client"][cid], cid  # its own adapter is better on its data
     global_state = load_file(str(result.global_dir / "adapter_model.safetensors"))
     personal = load_file(str(result.personalized_dirs["client_000"] / "adapter_model.safetensors"))
     assert any(not torch.equal(global_state[k], personal[k]) for k in global_state)
