@@ -30,7 +30,8 @@ HUB_RUN = {
     "dirichlet_alpha": 0.05,
     "max_steps": 12,
     "learning_rate": 0.03,
-    "aggregation_options": {"leave_one_out": True},
+    # deviation retention: every client keeps a non-zero residual, so personalized adapters differ from the global
+    "aggregation_options": {"leave_one_out": True, "retention_target": "deviation"},
     "lora_targets": ["experts", "router", "attention"],
 }
 
