@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
     "--num_clients", "3", "--clients_per_round", "3", "--num_examples", "256", "--num_rounds", "3", "--max_steps", "3",
-    "--min_partition_size", "8", "--max_length", "48",
+    "--min_partition_size", "8", "--max_length", "48", "--partition", "dirichlet",
 ]  # fmt: skip
 
 
