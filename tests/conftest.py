@@ -58,3 +58,22 @@ def dense_config():
         num_key_value_heads=2,
         vocab_size=300,
     )
+
+
+def local_round_args(output_dir, **overrides):
+    """`FederatedMoEConfig` of one tiny local round (tests of the trainer and its expert-LoRA forward share it)."""
+    from hf_fcmoe.config import FederatedMoEConfig
+
+    values = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        max_length=48,
+        save_strategy="no",
+        disable_tqdm=True,
+        report_to="none",
+        router_aux_loss_coef=0.0,
+    )
+    return FederatedMoEConfig(**{**values, **overrides})

@@ -30,6 +30,7 @@ from hf_fcmoe.training.expert_lora import (
     expert_wrappers,
     is_routed,
 )
+from tests.conftest import local_round_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "gpt_oss")
@@ -332,7 +333,6 @@ def test_config_switch_is_validated():
 
 
 def test_trainer_defaults_to_routed_and_counts_the_same_tokens(tmp_path):
-    from hf_fcmoe.config import FederatedMoEConfig
     from hf_fcmoe.data.synthetic import synthetic_domains
     from hf_fcmoe.training.trainer import FederatedMoETrainer
 
@@ -340,20 +340,7 @@ def test_trainer_defaults_to_routed_and_counts_the_same_tokens(tmp_path):
     for mode in ("peft", "routed"):
         model, tokenizer = build_tiny_moe("mixtral", seed=0)
         model = get_peft_model(model, _lora_config(model, router=True, attention=True))
-        args = FederatedMoEConfig(
-            output_dir=str(tmp_path / mode),
-            max_steps=3,
-            per_device_train_batch_size=8,
-            learning_rate=1e-2,
-            weight_decay=0.0,
-            max_length=48,
-            save_strategy="no",
-            disable_tqdm=True,
-            report_to="none",
-            router_aux_loss_coef=0.0,
-            seed=0,
-            expert_lora_forward=mode,
-        )
+        args = local_round_args(tmp_path / mode, max_steps=3, seed=0, expert_lora_forward=mode)
         trainer = FederatedMoETrainer(
             model, args=args, train_dataset=synthetic_domains(24), processing_class=tokenizer
         )

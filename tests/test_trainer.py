@@ -12,6 +12,7 @@ from hf_fcmoe.config import FederatedMoEConfig
 from hf_fcmoe.data.synthetic import synthetic_domains
 from hf_fcmoe.models.families import build_tiny_moe, get_family
 from hf_fcmoe.training.trainer import FederatedMoETrainer, adapter_state
+from tests.conftest import local_round_args
 
 NEVER_ROUTED = 3  # expert index the routing hook below removes from layer 0
 
@@ -23,19 +24,7 @@ def _model(targets=("experts", "router")) -> tuple[PeftModel, object]:
 
 
 def _args(tmp_path, **overrides) -> FederatedMoEConfig:
-    values = dict(
-        output_dir=str(tmp_path / "local"),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        weight_decay=0.0,
-        max_length=48,
-        save_strategy="no",
-        disable_tqdm=True,
-        report_to="none",
-        router_aux_loss_coef=0.0,
-    )
-    return FederatedMoEConfig(**{**values, **overrides})
+    return local_round_args(tmp_path / "local", **overrides)
 
 
 def _forbid_expert(peft_model: PeftModel, layer: int, expert: int) -> None:
