@@ -191,8 +191,9 @@ class FederatedMoEConfig(SFTConfig):
             self.dataloader_pin_memory = False  # nothing to pin for; torch warns on every local round otherwise
         self.report_to = self.report_to if self.report_to not in (None, "all") else "none"
         if self.ddp_find_unused_parameters is None:
-            # PEFT's ParamWrapper computes every expert's delta on every forward, so every LoRA tensor gets a
-            # gradient; transformers' default for a PeftModel (True) only costs a graph walk and a DDP warning
+            # every LoRA tensor gets a gradient on both expert forwards (PEFT's ParamWrapper builds every expert's
+            # delta; the routed one slices each fused factor tensor): transformers' default for a PeftModel (True)
+            # only costs a graph walk and a DDP warning. Known exception: phimoe's router LoRA gets no gradient.
             self.ddp_find_unused_parameters = False
         super().__post_init__()
         self._validate_federation()
