@@ -120,6 +120,23 @@ class FederatedMoEConfig(SFTConfig):
     personalization_mu: float | None = field(
         default=None, metadata={"help": "Ditto's proximal weight mu in mu/2 ||w_p - w_g||^2 (default 0.1)."}
     )
+    # --- retention lambda per client (federation/lambda_choice.py)
+    retention_lambda_grid: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "FC-MoE retention with lambda chosen per client: every round each client's personalized adapter "
+            "(and next start) is global + lambda * residual with the lambda of this grid (e.g. [0, 0.25, 0.5, 1]) "
+            "that has the lowest loss on a validation slice held out from its own train split, never on the eval "
+            "split the report scores; replaces retention_lambda (which must stay > 0). None: retention_lambda for all."
+        },
+    )
+    retention_validation_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of each client's train rows held out (never trained on) to choose its lambda; default "
+            "0.1, only with retention_lambda_grid."
+        },
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of federated evaluation."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start over when output_dir already holds a run (else: error or --resume)."}

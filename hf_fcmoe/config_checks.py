@@ -90,6 +90,9 @@ def check_aggregation(config) -> None:
     _non_negative("proximal_mu", config.proximal_mu)
     if config.aggregation_method == "fedprox" and config.proximal_mu <= 0:
         raise ValueError(f"aggregation_method 'fedprox' needs proximal_mu > 0, got {config.proximal_mu}")
+    from hf_fcmoe.federation.lambda_choice import check_lambda_grid
+
+    check_lambda_grid(config)
 
 
 def check_run_settings(config) -> None:

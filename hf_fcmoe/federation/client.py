@@ -31,6 +31,7 @@ class PreparedSplits:
 
     train: Dataset
     eval: Dataset
+    validation: Dataset | None = None  # held out of train to choose retention lambda (federation/lambda_choice.py)
 
 
 def round_seed(base_seed: int, round_index: int, client_index: int) -> int:
@@ -67,20 +68,25 @@ class ClientWorker:
         args.report_to = "none"  # the federation logs its curves once per round (reporting/trackers.py)
         return args
 
-    def prepare(self, train: Dataset, eval: Dataset) -> PreparedSplits:
+    def prepare(self, train: Dataset, eval: Dataset, validation: Dataset | None = None) -> PreparedSplits:
         """Tokenize a client's splits with SFTTrainer's own preparation (text, prompt/completion or messages)."""
         if self.config.task == "classification":  # long prompts: cut the input text, never the label
             template = self.config.prompt_template or DEFAULT_TEMPLATE
             train, cut_train = fit_prompts_to_length(train, self.tokenizer, self.config.max_length, template)
             eval, cut_eval = fit_prompts_to_length(eval, self.tokenizer, self.config.max_length, template)
             self.truncated_prompts += cut_train + cut_eval
+            if validation is not None:
+                validation, cut_validation = fit_prompts_to_length(
+                    validation, self.tokenizer, self.config.max_length, template
+                )
+                self.truncated_prompts += cut_validation
         datasets.disable_progress_bars()
         try:
             trainer = SFTTrainer(
                 self.model,
                 args=self.local_args(self.config.seed, prepared=False),
                 train_dataset=train,
-                eval_dataset=eval,
+                eval_dataset=eval if validation is None else {"eval": eval, "validation": validation},
                 processing_class=self.tokenizer,
             )
         finally:
@@ -91,7 +97,10 @@ class ClientWorker:
                 "loss tokens were truncated away; raise max_length or shorten the prompts"
             )
         self.collator = trainer.data_collator
-        return PreparedSplits(train=trainer.train_dataset, eval=trainer.eval_dataset)
+        if validation is None:
+            return PreparedSplits(train=trainer.train_dataset, eval=trainer.eval_dataset)
+        prepared = trainer.eval_dataset
+        return PreparedSplits(trainer.train_dataset, prepared["eval"], prepared["validation"])
 
     def train(
         self,

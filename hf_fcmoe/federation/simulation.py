@@ -27,6 +27,7 @@ from hf_fcmoe.data.federated import FederatedData, load_federated_data
 from hf_fcmoe.federation import server_state
 from hf_fcmoe.federation.client import ClientWorker, PreparedSplits, round_seed
 from hf_fcmoe.federation.faults import check_accepted, collect_round, crash_point
+from hf_fcmoe.federation.lambda_choice import ClientLambdas, hold_out_validation
 from hf_fcmoe.federation.personalization import build_personalizer
 from hf_fcmoe.federation.retention import add_scaled, hub_retention, new_residuals, scaled
 from hf_fcmoe.federation.round_metrics import evaluate_round
@@ -96,6 +97,8 @@ class FederatedSimulation:
         self.personalizer = build_personalizer(config, self.worker, self.layout)  # None: the hub's retention
         self.splits: dict[str, PreparedSplits] = {}
         self.residuals: dict[str, State] = {}
+        # retention_lambda_grid: each client's lambda, chosen on rows held out of its train split
+        self.lambdas = ClientLambdas(config) if config.retention_lambda_grid is not None else None
         self.tracker = FederationTracker(config, is_main_process=self.process.is_main_process)
 
     def _check_output_dir(self) -> None:
@@ -110,7 +113,7 @@ class FederatedSimulation:
     # --- state helpers
     def personalized_state(self, global_state: State, client_id: str) -> State:
         """The client's own adapter: global + scale * residual (FC-MoE retention; `local`: its own trained state)."""
-        return add_scaled(global_state, self.residuals.get(client_id), self.personal_scale)
+        return add_scaled(global_state, self.residuals.get(client_id), self._own_scale(client_id, self.personal_scale))
 
     def start_state(self, global_state: State, client_id: str, retained: State | None) -> State:
         """Where a client's round starts: its personalized state, or with a personalizer global + retained."""
@@ -136,7 +139,11 @@ class FederatedSimulation:
         """lambda * residual of a client (what its start state adds to the global), or None."""
         if self.personalizer is not None:
             return self.personalizer.retained(self.residuals.get(client_id))
-        return scaled(self.residuals.get(client_id), self.hub_retention)
+        return scaled(self.residuals.get(client_id), self._own_scale(client_id, self.hub_retention))
+
+    def _own_scale(self, client_id: str, scale: float) -> float:
+        """The client's chosen lambda under retention_lambda_grid, else the run's `scale`."""
+        return scale if self.lambdas is None else self.lambdas.of(client_id, scale)
 
     @property
     def hub_retention(self) -> float:
@@ -148,6 +155,8 @@ class FederatedSimulation:
         global_state, residuals = server_state.load_round(self.run_dir, last, self.hub)
         if residuals:
             self.residuals = residuals
+        if self.lambdas is not None:
+            self.lambdas.restore(self.run_dir.read_metrics(), last)
         return last, global_state
 
     def _start(self) -> tuple[int, State]:
@@ -162,7 +171,8 @@ class FederatedSimulation:
         client_ids = self.data.client_ids
         # tokenization can still refuse the data (e.g. every row truncated away): before the run writes anything
         for cid in tqdm(client_ids, desc="preparing client data", leave=False, disable=self.quiet):
-            self.splits[cid] = self.worker.prepare(self.data.train[cid], self.data.eval[cid])
+            train, validation = hold_out_validation(self.config, self.data.train[cid], cid)
+            self.splits[cid] = self.worker.prepare(train, self.data.eval[cid], validation)
         if self.worker.truncated_prompts and self.process.is_main_process:
             logger.warning(
                 f"{self.worker.truncated_prompts} classification prompts were longer than max_length="
@@ -212,6 +222,8 @@ class FederatedSimulation:
                 self.residuals = self.personalizer.after_round(
                     round_index, old_global, global_state, updates, self.residuals, self.splits, client_ids
                 )
+            if self.lambdas is not None:
+                self.lambdas.choose_all(self.worker, self.splits, global_state, self.residuals)
             row = self._evaluate(round_index, global_state, result, updates, time.perf_counter() - started)
             self._checkpoint(round_index, global_state, updates, row)
             self._on_main_process(lambda t=round_index: publish_round(self.config, self.run_dir.root, t))
@@ -256,6 +268,8 @@ class FederatedSimulation:
             seconds,
             exchanges_adapters=not self.keeps_own_state,
         )
+        if self.lambdas is not None:
+            row.update(self.lambdas.row_fields())
         if self.worker.truncated_prompts:
             row["truncated_prompts"] = self.worker.truncated_prompts
         sampled = partial(sample_clients, self.data.client_ids, self.config.sampled_per_round, self.config.seed)

@@ -86,6 +86,32 @@ def metrics_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def lambda_table(rows: list[dict]) -> str | None:
+    """retention_lambda_grid: the lambda each client chose (held-out validation loss per grid value), final round,
+    and how often each client's choice was each value over the rounds; None when lambda was not chosen."""
+    chosen_rows = [row for row in rows if row.get("retention_lambda_per_client")]
+    if not chosen_rows:
+        return None
+    final = chosen_rows[-1]
+    losses = final.get("retention_lambda_validation_loss") or {}
+    grid = sorted({value for per_client in losses.values() for value in per_client}, key=float)
+    header = "| client | chosen lambda | " + " | ".join(f"val. loss at {value}" for value in grid)
+    lines = [
+        f"Lambda chosen per client (round {final['round']}) on a validation slice held out of its own train split, "
+        "never on the eval split scored above; personalized adapter = global + lambda * residual.",
+        "",
+        header + " | chosen in rounds |",
+        "|---" * (len(grid) + 3) + "|",
+    ]
+    for cid, value in final["retention_lambda_per_client"].items():
+        history = [row["retention_lambda_per_client"].get(cid) for row in chosen_rows]
+        counts = {v: history.count(v) for v in sorted({v for v in history if v is not None})}
+        cells = [_fmt(losses.get(cid, {}).get(g)) for g in grid]
+        spread = ", ".join(f"{v:g}: {n}" for v, n in counts.items())
+        lines.append(f"| {cid} | {value:g} | " + " | ".join(cells) + f" | {spread} |")
+    return "\n".join(lines)
+
+
 def write_run_report(root: Path, rows: list[dict], label_counts: dict[str, dict[str, int]] | None = None) -> Path:
     """Write `report.md` and `plots/*.png` for a run directory; returns the report path."""
     plots = root / "plots"
@@ -99,6 +125,9 @@ def write_run_report(root: Path, rows: list[dict], label_counts: dict[str, dict[
         metrics_table(rows),
         "![loss](plots/loss.png)",
     ]
+    lambdas = lambda_table(rows)
+    if lambdas is not None:
+        sections += ["## Retention lambda per client", lambdas]
     if any("conflicts" in row for row in rows):
         from hf_fcmoe.reporting.conflicts import conflict_summary, plot_conflict_heatmap
 

@@ -11,7 +11,9 @@ Messages (the server's `FlowerFederation` sends them):
   lambda * its residual, trains, and replies with its update;
 - evaluate: the new global adapter and, for clients of the round, their new residual (stored on the node,
   never on the server); the node scores the global and its personalized adapter on its eval rows and
-  writes the personalized adapter to `state-dir/personalized`.
+  writes the personalized adapter to `state-dir/personalized`. With `retention_lambda_grid` the node first
+  chooses its lambda on rows held out of its own train split (`federation/lambda_choice.py`), keeps it for
+  its next train message and reports it (and the validation losses) as evaluate metrics.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from hf_fcmoe.config import FederatedMoEConfig, load_config
 from hf_fcmoe.federation.client import ClientWorker
 from hf_fcmoe.federation.flower.codec import fingerprint, get_state, update_to_content
 from hf_fcmoe.federation.flower.node import NodeSettings, NodeStore, load_node_data
+from hf_fcmoe.federation.lambda_choice import choose_on_validation, hold_out_validation
 from hf_fcmoe.federation.retention import add_scaled, scaled
 from hf_fcmoe.federation.round_metrics import score_state
 from hf_fcmoe.federation.run_dir import RunDirectory
@@ -68,6 +71,8 @@ class NodeSession:
         # one folder per federation run (a resumed run keeps its key), so runs never mix residuals
         self.store = NodeStore(settings.state_dir / "runs" / run_key if run_key else settings.state_dir)
         self.train_rows, self.eval_rows = load_node_data(self.settings, self.config)
+        # retention_lambda_grid: the rows that choose this node's lambda, held out of its training rows
+        self.train_rows, self.validation_rows = hold_out_validation(self.config, self.train_rows, settings.client_id)
         source = self.settings.model_path or self.config.model_name_or_path
         model, self.tokenizer = load_base_model(
             source, seed=self.config.seed, num_experts=self.config.tiny_num_experts
@@ -93,7 +98,7 @@ class NodeSession:
         if with_model:
             torch.manual_seed(config.seed)
             self.worker = ClientWorker(apply_expert_lora(model, self.lora_config), self.tokenizer, config)
-            self.splits = self.worker.prepare(self.train_rows, self.eval_rows)
+            self.splits = self.worker.prepare(self.train_rows, self.eval_rows, self.validation_rows)
 
     @classmethod
     def from_message(cls, message: Message, context: Context, with_model: bool | None = True) -> NodeSession:
@@ -152,8 +157,12 @@ def train(message: Message, context: Context) -> Message:
             if global_state is None:
                 raise ValueError(f"the server sent no global adapter and this node holds none of round {cached}")
         residual = session.store.residual_before(round_index)
-        start = add_scaled(global_state, residual, float(instruction["personal_scale"]))
-        retained = scaled(residual, float(instruction["retention"]))
+        scale, retention = float(instruction["personal_scale"]), float(instruction["retention"])
+        chosen = session.store.lambda_before(round_index)  # retention_lambda_grid: this node's own lambda
+        if chosen is not None:
+            scale = retention = chosen
+        start = add_scaled(global_state, residual, scale)
+        retained = scaled(residual, retention)
         seed = int(instruction["seed"])
         if session.settings.num_processes > 1:
             update = train_with_accelerate(session, start, retained, seed, str(instruction["recipe"]))
@@ -178,7 +187,13 @@ def evaluate(message: Message, context: Context) -> Message:
             residual = {key: residual.get(key, torch.zeros_like(tensor)) for key, tensor in global_state.items()}
             session.store.save_residual(round_index, residual)
         residual = session.store.residual_before(round_index + 1)
-        personalized = add_scaled(global_state, residual, float(instruction["personal_scale"]))
+        scale, choice = float(instruction["personal_scale"]), None
+        grid = session.config.retention_lambda_grid
+        if grid is not None and residual is not None:  # chosen here, on rows that never leave the node
+            choice = choose_on_validation(session.worker, session.splits.validation, global_state, residual, grid)
+            session.store.save_lambda(round_index, choice.value)
+            scale = choice.value
+        personalized = add_scaled(global_state, residual, scale)
         session.store.save_personalized(personalized, session.lora_config, session.tokenizer, round_index)
         raw_eval = {session.client_id: session.eval_rows} if session.config.task == "classification" else None
         splits = {session.client_id: session.splits}
@@ -189,7 +204,7 @@ def evaluate(message: Message, context: Context) -> Message:
             local_score = score_state(session.worker, splits, personalized, [session.client_id], raw_eval)
     except Exception as error:  # noqa: BLE001
         return _rejected(message, context, error)
-    scores = {"eval_rows": len(session.eval_rows)}
+    scores = {"eval_rows": len(session.eval_rows), **(choice.metrics() if choice is not None else {})}
     for prefix, score in (("global", global_score[session.client_id]), ("local", local_score[session.client_id])):
         scores.update({f"{prefix}_nll_sum": score.nll_sum, f"{prefix}_tokens": score.tokens})
         if score.accuracy is not None:

@@ -141,6 +141,28 @@ class NodeStore:
         path = self.root / f"global-{round_index}.safetensors"
         return RunDirectory.load_tensors(path) if path.exists() else None
 
+    @property
+    def lambdas_file(self) -> Path:
+        return self.root / "retention_lambdas.json"
+
+    def _lambdas(self) -> dict[int, float]:
+        if not self.lambdas_file.exists():
+            return {}
+        return {int(key): float(value) for key, value in json.loads(self.lambdas_file.read_text()).items()}
+
+    def save_lambda(self, round_index: int, value: float) -> None:
+        """The retention lambda this node chose at a round's evaluate (retention_lambda_grid), kept per round."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lambdas = {**self._lambdas(), round_index: value}
+        tmp = self.lambdas_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({str(key): lambdas[key] for key in sorted(lambdas)}))
+        tmp.replace(self.lambdas_file)
+
+    def lambda_before(self, round_index: int) -> float | None:
+        """The lambda chosen at the latest evaluate before `round_index` (the one its residual is used with)."""
+        earlier = [key for key in self._lambdas() if key < round_index]
+        return self._lambdas()[max(earlier)] if earlier else None
+
     def save_personalized(self, state: State, lora_config, tokenizer, round_index: int) -> None:
         save_adapter_folder(self.personalized_dir, state, lora_config, tokenizer)
         (self.personalized_dir / "round.json").write_text(json.dumps({"round": round_index}))

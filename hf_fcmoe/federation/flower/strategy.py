@@ -22,6 +22,7 @@ from hf_fcmoe.aggregation import AggregationHub, AggregationResult, ClientUpdate
 from hf_fcmoe.aggregation.types import State
 from hf_fcmoe.federation.client import round_seed
 from hf_fcmoe.federation.flower.codec import content_to_update, put_state, state_to_records
+from hf_fcmoe.federation.lambda_choice import LambdaChoice, row_fields
 from hf_fcmoe.federation.retention import new_residuals
 from hf_fcmoe.federation.round_metrics import ClientScore, combine_scores
 from hf_fcmoe.federation.server_state import sample_clients
@@ -204,7 +205,7 @@ class FCMoEStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-client scores of the global and the personalized adapter into the round's eval fields."""
-        global_scores, local_scores, sizes = {}, {}, {}
+        global_scores, local_scores, sizes, lambdas = {}, {}, {}, {}
         for reply in replies:
             cid, node = self._sender(reply)
             problem = reply_problem(reply)
@@ -221,6 +222,9 @@ class FCMoEStrategy(Strategy):
                     scores.get(f"{prefix}_accuracy"),
                 )
             sizes[cid] = int(scores["eval_rows"])
+            choice = LambdaChoice.from_metrics(scores)  # retention_lambda_grid: the lambda the node chose
+            if choice is not None:
+                lambdas[cid] = choice
         order = [cid for cid in self.client_ids if cid in global_scores]
         global_scores = {cid: global_scores[cid] for cid in order}
         local_scores = {cid: local_scores[cid] for cid in order}
@@ -229,6 +233,8 @@ class FCMoEStrategy(Strategy):
             return None
         classification = all(score.accuracy is not None for score in global_scores.values())
         self.eval_fields = combine_scores(global_scores, local_scores, sizes if classification else None)
+        if lambdas:
+            self.eval_fields.update(row_fields({cid: lambdas[cid] for cid in order if cid in lambdas}))
         return MetricRecord({"global_eval_loss": self.eval_fields["global_eval_loss"]})
 
     def summary(self) -> None:
