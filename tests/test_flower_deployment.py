@@ -165,6 +165,33 @@ def test_killed_supernode_is_named_and_rejoins_with_its_residual(deployment, rec
     assert (residual.parent / "residual-3.safetensors").exists()
 
 
+def test_lambda_per_client_is_chosen_on_the_node_as_in_process(deployment, work):
+    """retention_lambda_grid on Flower: each node chooses on its own held-out rows, keeps its choice for its next
+    round, and reports it; the run's lambdas, metrics and personalized adapters equal the in-process engine's."""
+    grid = {"retention_lambda_grid": [0.0, 0.5, 1.0], "aggregation_options": {"retention_target": "deviation"}}
+    recipe = work / "recipe_lambda.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, **grid, "num_rounds": 2, "output_dir": str(work / "unused")}))
+    values = {**yaml.safe_load(recipe.read_text()), "engine": "simulation", "output_dir": str(work / "sim_lambda")}
+    expected = run_simulation(load_config(overrides=values), progress=False)
+    out = work / "flower_lambda"
+    _finish(deployment, _run(deployment, recipe, out, "lambda"), "lambda")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row, reference in zip(rows[1:], expected.metrics[1:], strict=True):
+        assert row["retention_lambda_per_client"] == reference["retention_lambda_per_client"]
+        for cid, losses in reference["retention_lambda_validation_loss"].items():
+            assert row["retention_lambda_validation_loss"][cid] == pytest.approx(losses, rel=1e-5)
+        assert row["local_eval_loss_per_client"] == pytest.approx(reference["local_eval_loss_per_client"], rel=1e-5)
+    run_key = json.loads((out / "federation.json").read_text())["run_key"]
+    for cid in ("client_000", "client_001", "client_002"):
+        node_dir = work / "state" / cid / "runs" / run_key
+        assert json.loads((node_dir / "retention_lambdas.json").read_text()) == {
+            str(row["round"]): row["retention_lambda_per_client"][cid] for row in expected.metrics[1:]
+        }
+        _assert_states_close(
+            load_adapter_weights(node_dir / "personalized"), load_adapter_weights(expected.personalized_dirs[cid])
+        )
+
+
 def _readme_commands(marker: str) -> str:
     """The README's bash block that contains `marker` (the test runs the documented commands themselves)."""
     text = (Path(__file__).resolve().parents[1] / "recipes" / "flower" / "README.md").read_text()

@@ -80,6 +80,13 @@ class BenchConfig:
             "compares them (conflict rate, paired gains vs the tuned FedAvg and vs local training)."
         },
     )
+    regimes_only: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated regime names to run now (e.g. --regimes_only labelskew-e16-top1-s10-a0.1); the "
+            "summary still includes every other regime whose runs are all finished (read back, never retrained)."
+        },
+    )
 
     def method_overrides(self) -> dict[str, dict[str, Any]]:
         """Every method of the grid, the FedAvg server-step grid included, with its run overrides."""
@@ -91,7 +98,10 @@ class BenchConfig:
 
     def regime_benches(self) -> dict[str, BenchConfig]:
         """One `BenchConfig` per regime: this one with the regime's overrides, in its own folder."""
-        shared = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.init and f.name != "regimes"}
+        sweep_only = ("regimes", "regimes_only")
+        shared = {
+            f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.init and f.name not in sweep_only
+        }
         benches = {}
         for name, overrides in (self.regimes or {}).items():
             values = _apply_overrides(shared, overrides or {})
@@ -99,7 +109,19 @@ class BenchConfig:
             benches[name] = BenchConfig(**values)
         return benches
 
+    def selected_regimes(self) -> list[str]:
+        """The regimes this invocation runs: `regimes_only`, or every regime."""
+        if self.regimes_only is None:
+            return list(self.regimes or {})
+        return [name.strip() for name in self.regimes_only.split(",") if name.strip()]
+
     def __post_init__(self):
+        if self.regimes_only is not None:
+            unknown = [name for name in self.selected_regimes() if name not in (self.regimes or {})]
+            if unknown or not self.selected_regimes():
+                raise ValueError(
+                    f"regimes_only names {unknown or 'no regime'}; this bench's regimes: {sorted(self.regimes or {})}"
+                )
         if self.regimes is not None:
             bad = sorted(name for name in self.regimes if not name or "/" in name or name.startswith("."))
             if bad or not self.regimes:

@@ -21,18 +21,28 @@ LOCAL = "local"
 FINETUNE = "fedavg-ft"
 
 
-def _collect(bench: BenchConfig, base: str | None) -> dict[tuple[str, float, int], list[dict]]:
-    """Metric rows of every finished run of one regime (read from its run directories)."""
-    from hf_fcmoe.bench.runner import plan_runs
+def _collect(bench: BenchConfig, base: str | None) -> tuple[dict[tuple[str, float, int], list[dict]], int]:
+    """Metric rows of every finished run of one regime under exactly its planned config, and how many it plans."""
+    from hf_fcmoe.bench.runner import finished_metrics, plan_runs
+    from hf_fcmoe.config import load_config
 
+    plans = plan_runs(bench, base)
     results = {}
-    for plan in plan_runs(bench, base):
-        run_dir = RunDirectory(plan.output_dir)
-        if run_dir.metrics_file.exists():
-            rows = run_dir.read_metrics()
-            if rows and rows[-1]["round"] == int(plan.overrides["num_rounds"]):
-                results[(plan.method, plan.alpha, plan.seed)] = rows
-    return results
+    for plan in plans:
+        if not RunDirectory(plan.output_dir).metrics_file.exists():
+            continue
+        rows = finished_metrics(load_config(overrides={**plan.overrides, "overwrite_output_dir": True}))
+        if rows:
+            results[(plan.method, plan.alpha, plan.seed)] = rows
+    return results, len(plans)
+
+
+def existing_base(bench: BenchConfig) -> str | None:
+    """The folder `prepare_base` would return, without pretraining anything (None: no pretrain, or not built)."""
+    if bench.pretrain is None:
+        return None
+    folder = Path(bench.pretrain.get("output_dir") or Path(bench.output_dir) / "base")
+    return str(folder.resolve()) if (folder / "config.json").exists() else None
 
 
 def _gain(diff: PairedDifference | None) -> str:
@@ -100,8 +110,15 @@ class RegimeCell:
         return "\n".join(lines)
 
 
-def write_regime_summary(bench: BenchConfig, cells: list[RegimeCell], seconds: float, command: str | None) -> Path:
-    """``<output_dir>/report.md``: one table per (regime, alpha) and the goal check over all of them."""
+def write_regime_summary(
+    bench: BenchConfig,
+    cells: list[RegimeCell],
+    seconds: float,
+    command: str | None,
+    incomplete: dict[str, tuple[int, int]] | None = None,
+) -> Path:
+    """``<output_dir>/report.md``: one table per (regime, alpha), the goal check over all of them, and the regimes
+    left out because some of their runs are not finished (`incomplete`: name -> (finished, planned))."""
     sections = [
         "# Regime sweep",
         f"Command: `{command or 'hf-fcmoe bench --config <recipe>'}` (this invocation: {seconds / 60:.1f} min; "
@@ -139,6 +156,17 @@ def write_regime_summary(bench: BenchConfig, cells: list[RegimeCell], seconds: f
             + [f"| {method} | {sum(flags)}/{len(flags)} |" for method, flags in goal.items()]
         ),
     ]
+    if incomplete:
+        sections += [
+            "## Regimes not in this summary (not every run finished)",
+            "\n".join(
+                ["| regime | finished runs | run it with |", "|---|---|---|"]
+                + [
+                    f"| {name} | {done}/{planned} | `--regimes_only {name}` |"
+                    for name, (done, planned) in incomplete.items()
+                ]
+            ),
+        ]
     path = Path(bench.output_dir) / "report.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(sections) + "\n")
@@ -146,13 +174,25 @@ def write_regime_summary(bench: BenchConfig, cells: list[RegimeCell], seconds: f
 
 
 def run_regimes(bench: BenchConfig, progress: bool = True, command: str | None = None) -> Path:
-    """Run every regime's benchmark in turn, then write the summary; returns its path."""
-    from hf_fcmoe.bench.runner import prepare_base, run_bench
+    """Run the selected regimes' benchmarks in turn (`regimes_only`, default all), then write the summary over
+    every regime whose runs are all finished; returns its path."""
+    from hf_fcmoe.bench.runner import plan_runs, prepare_base, run_bench
 
     started = time.perf_counter()
-    cells = []
+    selected = set(bench.selected_regimes())
+    cells, incomplete = [], {}
     for name, sub in bench.regime_benches().items():
-        run_bench(sub, progress=progress, command=command)
-        results = _collect(sub, prepare_base(sub))
+        if name in selected:
+            run_bench(sub, progress=progress, command=command)
+            base = prepare_base(sub)
+        else:  # read back what an earlier invocation finished; never pretrain or train here
+            base = existing_base(sub)
+        if base is None and sub.pretrain is not None:  # its base was never built: none of its runs exist
+            results, planned = {}, len(plan_runs(sub))
+        else:
+            results, planned = _collect(sub, base)
+        if len(results) < planned:
+            incomplete[name] = (len(results), planned)
+            continue
         cells += [RegimeCell(name, sub, results, alpha) for alpha in sub.alphas]
-    return write_regime_summary(bench, cells, time.perf_counter() - started, command)
+    return write_regime_summary(bench, cells, time.perf_counter() - started, command, incomplete)

@@ -7,6 +7,7 @@ what changed. Progress bars show method, alpha, seed (outer) and rounds (inner).
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from hf_fcmoe.bench.config import BenchConfig
@@ -61,15 +63,39 @@ def plan_runs(bench: BenchConfig, model_name_or_path: str | None = None) -> list
     return plans
 
 
+# A bench run is one process: DDP settings cannot have changed what it computed.
+SINGLE_PROCESS_IRRELEVANT = {"ddp_find_unused_parameters"}
+
+
+@functools.lru_cache(maxsize=1)
+def _default_fields() -> dict[str, Any]:
+    return FederatedMoEConfig(output_dir="unused").to_yaml_dict()
+
+
+def reuse_blockers(saved_config: Path, config: FederatedMoEConfig) -> list[str]:
+    """The settings in which a finished run differs from `config` (empty: reuse it).
+
+    A field the saved config lacks was added to the library after the run; left at its default it selects what
+    the run did (new fields keep the old behaviour at their default), so it does not block reuse.
+    """
+    saved = yaml.safe_load(saved_config.read_text()) or {}
+    current, defaults = config.to_yaml_dict(), _default_fields()
+    return [
+        key
+        for key in config_changes(saved_config, config)
+        if key not in SINGLE_PROCESS_IRRELEVANT and not (key not in saved and current.get(key) == defaults.get(key))
+    ]
+
+
 def finished_metrics(config: FederatedMoEConfig) -> list[dict] | None:
-    """The metrics of a complete run of exactly this config in its output_dir, else None."""
+    """The metrics of a complete run of this config in its output_dir (`reuse_blockers` empty), else None."""
     run_dir = RunDirectory(config.output_dir)
     saved_config = run_dir.root / "config.yaml"
     if not (run_dir.has_completed_rounds() and saved_config.exists()):
         return None
     if int(run_dir.read_state().get("last_round", -1)) != config.num_rounds:
         return None
-    return None if config_changes(saved_config, config) else run_dir.read_metrics()
+    return None if reuse_blockers(saved_config, config) else run_dir.read_metrics()
 
 
 def prepare_base(bench: BenchConfig) -> str | None:
