@@ -85,6 +85,28 @@ def test_rerun_reuses_finished_runs(smoke_bench):
     assert (Path(bench.output_dir) / "base" / "model.safetensors").stat().st_mtime_ns == base_stamp
 
 
+def test_runs_older_than_a_field_at_its_default_are_still_reused(smoke_bench, tmp_path):
+    """A field added to the library after a run was written (absent from its config.yaml) blocks reuse only when
+    the bench sets it to something else than its default; DDP settings never matter for a one-process run."""
+    import yaml
+
+    from hf_fcmoe.bench.runner import finished_metrics, reuse_blockers
+    from hf_fcmoe.config import load_config
+
+    bench, _ = smoke_bench
+    plan = next(p for p in plan_runs(bench) if p.method == "fcmoe")
+    saved = yaml.safe_load((plan.output_dir / "config.yaml").read_text())
+    config = load_config(overrides={**plan.overrides, "model_name_or_path": saved["model_name_or_path"]})
+    assert finished_metrics(config) is not None
+    older = {k: v for k, v in saved.items() if k not in ("retention_lambda_grid", "dp_clip_norm")}
+    older["ddp_find_unused_parameters"] = None
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(older))
+    assert reuse_blockers(path, config) == []
+    changed = load_config(overrides={**config.to_yaml_dict(), "dp_clip_norm": 2.0, "learning_rate": 1e-3})
+    assert reuse_blockers(path, changed) == ["dp_clip_norm", "learning_rate"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -63,6 +63,7 @@ def test_regimes_recipe_covers_both_scenarios_and_every_baseline():
     assert {a for b in regimes.values() for a in b.alphas} == {0.1, 1.0}
     assert all(len(b.seeds) >= 3 for b in regimes.values())
     required = {"fcmoe", "fcmoe-factor-space", "fcmoe-importance-only", "fedavg-ft", "ditto", "personal-router"}
+    required |= {"fcmoe-module", "fcmoe-no-retention", "fcmoe-lambda-auto", "fcmoe-deviation-lambda-auto"}
     assert required | {"local"} <= set(bench.methods)
     for name, sub in regimes.items():
         assert sub.output_dir == str(Path(bench.output_dir) / name) and not sub.regimes
@@ -71,7 +72,7 @@ def test_regimes_recipe_covers_both_scenarios_and_every_baseline():
 
 
 @pytest.mark.slow  # ~1 min on a quiet 2-core machine (a tiny pretraining and 8 tiny runs)
-def test_regime_sweep_smoke_writes_one_summary(tmp_path):
+def test_regime_sweep_runs_one_regime_at_a_time_and_merges_finished_ones(tmp_path):
     overrides = {
         **SMOKE,
         "output_dir": str(tmp_path / "sweep"),
@@ -81,13 +82,31 @@ def test_regime_sweep_smoke_writes_one_summary(tmp_path):
             "disagreement": {"run.dataset_name": "synthetic_disagreement", "run.dataset_config": None},
         },
     }
-    report = run_bench(load_bench_config(RECIPE, overrides), progress=False, command="pytest regimes")
+    first = run_bench(load_bench_config(RECIPE, {**overrides, "regimes_only": "labelskew"}), progress=False)
+    text = first.read_text()
+    assert "## labelskew, alpha = 0.1" in text and "## disagreement" not in text
+    assert "| disagreement | 0/4 | `--regimes_only disagreement` |" in text
+    assert not (tmp_path / "sweep" / "disagreement").exists()  # not run, not even started
+    labelskew_runs = sorted((tmp_path / "sweep" / "labelskew").glob("runs/*/*/*/metrics.jsonl"))
+    stamps = [path.stat().st_mtime_ns for path in labelskew_runs]
+    report = run_bench(load_bench_config(RECIPE, {**overrides, "regimes_only": "disagreement"}), progress=False)
+    assert [path.stat().st_mtime_ns for path in labelskew_runs] == stamps  # read back, not retrained
     text = report.read_text()
     assert "## labelskew, alpha = 0.1" in text and "## disagreement, alpha = 0.1" in text
     assert "gain vs local: personalized" in text and "## Goal check over every cell" in text
+    assert "Regimes not in this summary" not in text
     rows = [line for line in text.splitlines() if line.startswith("| fcmoe |") and line.count("|") > 4]
     assert len(rows) == 2
     for line in rows:
         assert line.count("(") >= 3  # paired gains vs FedAvg, local and FedAvg+fine-tune, with wins
     for regime in ("labelskew", "disagreement"):
         assert (tmp_path / "sweep" / regime / "report.md").exists()
+
+
+def test_regimes_only_must_name_regimes_of_the_bench():
+    bench = load_bench_config(RECIPE, {"regimes_only": "labelskew-e8-top2-s10-a0.1, labelskew-e8-top2-s10-a1"})
+    assert bench.selected_regimes() == ["labelskew-e8-top2-s10-a0.1", "labelskew-e8-top2-s10-a1"]
+    with pytest.raises(ValueError, match="nope"):
+        load_bench_config(RECIPE, {"regimes_only": "labelskew-e8-top2-s10-a0.1,nope"})
+    with pytest.raises(ValueError, match="no regime"):
+        load_bench_config(RECIPE, {"regimes_only": " , "})
