@@ -150,3 +150,18 @@ def test_resume_continues_with_the_chosen_lambdas(auto_run, tiny_run_config):
     for got, expected in zip(resumed.metrics, reference.metrics):
         assert got[PER_CLIENT_FIELD] == expected[PER_CLIENT_FIELD]
         assert got["local_eval_loss"] == pytest.approx(expected["local_eval_loss"], rel=1e-6)
+
+
+def test_model_cards_name_the_chosen_lambda(auto_run):
+    from hf_fcmoe.hub.cards import render_card
+    from hf_fcmoe.hub.plan import RunContents
+
+    _, result = auto_run
+    run = RunContents.read(result.output_dir)
+    chosen = result.metrics[-1][PER_CLIENT_FIELD]["client_001"]
+    common = dict(run=run, base_model_id="org/base", global_repo_id="org/global")
+    personal = render_card(kind="personalized", repo_id="org/p", client_id="client_001", **common)
+    assert f"| retention lambda | {chosen} |" in personal["README.md"].decode()
+    card = render_card(kind="global", repo_id="org/global", round_index=run.last_round, **common)["README.md"]
+    card = card.decode()
+    assert "| retention lambda | chosen per client from [0.0, 0.5, 1.0] |" in card

@@ -79,7 +79,10 @@ def _training_fields(run: RunContents) -> dict:
         "lora_targets": c.get("lora_targets") or [],
         "lora_r": c.get("lora_r"),
         "lora_alpha": c.get("lora_alpha"),
-        "retention_lambda": c.get("retention_lambda"),
+        # retention_lambda_grid: every client chose its own lambda (its personalized card shows the chosen one)
+        "retention_lambda": c.get("retention_lambda")
+        if c.get("retention_lambda_grid") is None
+        else f"chosen per client from {c['retention_lambda_grid']}",
         "server_lr": c.get("server_lr"),
         "seed": c.get("seed"),
         "tiny_base": str(c.get("model_name_or_path", "")).startswith("tiny:"),
@@ -158,6 +161,9 @@ def render_card(
         uses_retention = fields["method"] == "fcmoe" and (run.config.get("aggregation_options") or {}).get(
             "retention", True
         )
+        chosen = (rows[-1].get("retention_lambda_per_client") or {}).get(client_id) if rows else None
+        if run.config.get("retention_lambda_grid") is not None:
+            fields["retention_lambda"] = chosen if chosen is not None else 0.0  # no residual yet: the global
         fields.update(
             client_id=client_id,
             client_rows=client_rows,
