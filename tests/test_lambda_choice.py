@@ -104,7 +104,7 @@ def auto_run(tmp_path_factory):
 def test_every_client_records_the_grid_minimum_of_its_held_out_loss(auto_run):
     simulation, result = auto_run
     rows = result.metrics
-    assert PER_CLIENT_FIELD not in rows[0] or not rows[0][PER_CLIENT_FIELD]  # round 0: nobody holds a residual
+    assert PER_CLIENT_FIELD not in rows[0]  # round 0: nobody holds a residual yet
     for row in rows[1:]:
         chosen, losses = row[PER_CLIENT_FIELD], row[LOSSES_FIELD]
         assert sorted(chosen) == simulation.data.client_ids
@@ -148,7 +148,7 @@ def test_resume_continues_with_the_chosen_lambdas(auto_run, tiny_run_config):
     run_simulation(first, progress=False)
     resumed = run_simulation(tiny_run_config("resumed", **AUTO), resume=True, progress=False)
     for got, expected in zip(resumed.metrics, reference.metrics):
-        assert got[PER_CLIENT_FIELD] == expected[PER_CLIENT_FIELD]
+        assert got.get(PER_CLIENT_FIELD) == expected.get(PER_CLIENT_FIELD)
         assert got["local_eval_loss"] == pytest.approx(expected["local_eval_loss"], rel=1e-6)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hf_fcmoe.bench.analysis import PairedDifference, paired_difference
 from hf_fcmoe.bench.config import BenchConfig
+from hf_fcmoe.federation.lambda_choice import PER_CLIENT_FIELD
 from hf_fcmoe.federation.run_dir import RunDirectory
 
 LOCAL = "local"
@@ -84,6 +85,20 @@ class RegimeCell:
             self.diff(method, "final_local", LOCAL)
         )
 
+    def lambda_note(self) -> str | None:
+        """Methods with retention_lambda_grid: the lambdas the clients chose in the final round, over clients and
+        seeds (what the per-client choice actually picked in this regime)."""
+        parts = []
+        for method, per_seed in self.section.rows.items():
+            chosen = [v for rows in per_seed.values() for v in (rows[-1].get(PER_CLIENT_FIELD) or {}).values()]
+            if chosen:
+                counts = {value: chosen.count(value) for value in sorted(set(chosen))}
+                spread = ", ".join(f"{value:g}: {count}" for value, count in counts.items())
+                parts.append(f"`{method}` mean {statistics.fmean(chosen):.2f} ({spread})")
+        if not parts:
+            return None
+        return "Retention lambda chosen per client (final round, all clients and seeds): " + "; ".join(parts) + "."
+
     def table(self) -> str:
         lines = [
             "| method | global final | gain vs tuned FedAvg: global (wins) | personalized final | gain vs local: "
@@ -139,6 +154,7 @@ def write_regime_summary(
             f"## {cell.name}, alpha = {cell.alpha:g}",
             f"{cell.runs} runs, {cell.seconds / 60:.1f} min of training and aggregation (sum over runs, rounds only).",
             cell.table(),
+            *([cell.lambda_note()] if cell.lambda_note() else []),
         ]
         for method in cell.section.summaries:
             goal.setdefault(method, []).append(cell.meets_goal(method))

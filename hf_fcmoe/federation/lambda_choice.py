@@ -156,7 +156,8 @@ class ClientLambdas:
             self.choices[cid] = choose_on_validation(worker, splits[cid].validation, global_state, residual, self.grid)
 
     def row_fields(self) -> dict:
-        return row_fields(self.choices)
+        """The round's fields; none before any client holds a residual (as a Flower round 0 row)."""
+        return row_fields(self.choices) if self.choices else {}
 
     def restore(self, rows: list[dict], round_index: int) -> None:
         """The choices of a checkpointed round, from its metrics row (resume continues with them)."""
