@@ -18,6 +18,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def tiny_mixtral_layout(targets: tuple[str, ...] = ("experts", "router", "attention"), r: int = 4):
+    """The ExpertLayout of tiny:mixtral with rank-`r` LoRA on `targets`: the shapes the aggregation tests use."""
+    from hf_fcmoe.adapters.lora import build_lora_config, expert_layout_from_configs
+    from hf_fcmoe.models.families import build_tiny_moe, get_family
+
+    model, _ = build_tiny_moe("mixtral")
+    return expert_layout_from_configs(
+        model.config, build_lora_config(get_family(model.config), r=r, targets=list(targets))
+    )
+
+
+def make_state(layout, seed: int, scale: float = 0.1) -> dict:
+    """A random adapter state of `layout`'s shapes, reproducible from `seed`."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=gen) * scale for k, s in layout.expected_shapes().items()}
+
+
 TINY_RUN = dict(
     model_name_or_path="tiny:mixtral",
     num_examples=256,

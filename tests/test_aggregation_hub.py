@@ -8,25 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.utils import merge_utils
 
-from hf_fcmoe.adapters.layout import ExpertLayout, split_expert_a, split_expert_b
-from hf_fcmoe.adapters.lora import build_lora_config, expert_layout_from_configs
+from hf_fcmoe.adapters.layout import split_expert_a, split_expert_b
 from hf_fcmoe.aggregation import METHODS, AggregationHub, ClientUpdate
-from hf_fcmoe.models.families import build_tiny_moe, get_family
+from tests.conftest import make_state, tiny_mixtral_layout
 
 EXACT_CAPABLE = ("fcmoe", "fedavg", "fedgh", "fedmoe")
 FAST = settings(max_examples=10, deadline=None)
 
 
 @pytest.fixture(scope="module")
-def layout() -> ExpertLayout:
-    model, _ = build_tiny_moe("mixtral")
-    lora_config = build_lora_config(get_family(model.config), r=4, targets=["experts", "router", "attention"])
-    return expert_layout_from_configs(model.config, lora_config)
-
-
-def make_state(layout, seed, scale=0.1):
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=gen) * scale for k, s in layout.expected_shapes().items()}
+def layout():
+    return tiny_mixtral_layout()
 
 
 def make_updates(layout, glob, num=4, seed=1, scale=0.05, common=0.0, counts=None):

@@ -56,10 +56,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_fcmoe.adapters.lora import build_lora_config, expert_layout_from_configs
 from hf_fcmoe.aggregation import METHODS, AggregationHub, ClientUpdate
 from hf_fcmoe.aggregation.validation import check_client_id, rejection_key, update_fingerprint
-from hf_fcmoe.models.families import build_tiny_moe, get_family
+from tests.conftest import make_state, tiny_mixtral_layout
 
 ROUND = 3
 BASE = {"model_type": "mixtral", "hidden_size": 32}
@@ -71,14 +70,7 @@ CAP = 500
 
 @pytest.fixture(scope="module")
 def layout():
-    model, _ = build_tiny_moe("mixtral")
-    lora_config = build_lora_config(get_family(model.config), r=4, targets=["experts", "router", "attention"])
-    return expert_layout_from_configs(model.config, lora_config)
-
-
-def make_state(layout, seed, scale=0.1):
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=gen) * scale for k, s in layout.expected_shapes().items()}
+    return tiny_mixtral_layout()
 
 
 def good_update(layout, glob, cid, seed, num_examples=40):

@@ -4,22 +4,14 @@ import pytest
 import torch
 
 from hf_fcmoe.adapters.layout import split_expert_a, split_expert_b
-from hf_fcmoe.adapters.lora import build_lora_config, expert_layout_from_configs
 from hf_fcmoe.aggregation import AggregationHub, ClientUpdate
 from hf_fcmoe.aggregation.projection import consensus_projection
-from hf_fcmoe.models.families import build_tiny_moe, get_family
+from tests.conftest import make_state, tiny_mixtral_layout
 
 
 @pytest.fixture(scope="module")
 def layout():
-    model, _ = build_tiny_moe("mixtral")
-    lora_config = build_lora_config(get_family(model.config), r=4, targets=["experts", "router"])
-    return expert_layout_from_configs(model.config, lora_config)
-
-
-def random_state(layout, seed, scale=0.1):
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=gen) * scale for k, s in layout.expected_shapes().items()}
+    return tiny_mixtral_layout(("experts", "router"))
 
 
 def test_inclusive_consensus_projection_only_lengthens_the_consensus():
@@ -47,12 +39,12 @@ def test_inclusive_consensus_projection_only_lengthens_the_consensus():
 def test_inclusive_consensus_on_the_hub_moves_along_the_consensus(layout):
     """On the hub (factor mode, factor-space conflicts): every expert's merged factor update has cosine 1 with
     the importance-weighted consensus of the client deltas and the length ratio of the formula."""
-    glob = random_state(layout, 0)
+    glob = make_state(layout, 0)
     updates = []
     for i in range(4):
         sign = -0.5 if i == 3 else 1.0
-        noise = random_state(layout, 10 + i, 0.02)
-        shared = random_state(layout, 99, 0.05)
+        noise = make_state(layout, 10 + i, 0.02)
+        shared = make_state(layout, 99, 0.05)
         state = {k: glob[k] + sign * shared[k] + noise[k] for k in glob}
         updates.append(ClientUpdate(f"c{i}", state, num_examples=10 + i))
     result = AggregationHub(layout, "fcmoe", conflict_space="factor").aggregate(glob, updates)
@@ -81,14 +73,14 @@ def gauge_flipped_updates(layout):
     """Three clients move every expert's B (zero at the start, as LoRA initialises it) by the same step; a fourth
     reaches the *same products* through the gauge (B, A) -> (-B, -A): its factor delta points away from the
     consensus, its product delta is the others'."""
-    glob = random_state(layout, 0)
+    glob = make_state(layout, 0)
     expert_b = {p.b_key for p in layout.by_kind("expert")}
     expert_a = {p.a_key for p in layout.by_kind("expert")}
     glob = {k: torch.zeros_like(v) if k in expert_b else (0.05 * v if k in expert_a else v) for k, v in glob.items()}
-    step = random_state(layout, 1, 0.05)
+    step = make_state(layout, 1, 0.05)
     updates = []
     for i in range(4):
-        noise = random_state(layout, 20 + i, 1e-4)
+        noise = make_state(layout, 20 + i, 1e-4)
         state = {k: glob[k] + step[k] + noise[k] if k in expert_b else glob[k] for k in glob}
         if i == 3:
             state = {k: -v if k in expert_b or k in expert_a else v for k, v in state.items()}
@@ -114,14 +106,14 @@ def test_conflicts_are_decided_in_product_space_by_default(layout):
 def test_module_granularity_flags_a_conflict_the_whole_expert_hides(layout):
     """A client agrees strongly on gate_up and disagrees mildly on down: per expert its inner product with the
     consensus is positive, per module (LoRA pair) the down projection conflicts."""
-    glob = random_state(layout, 0)
-    step = random_state(layout, 1, 0.02)
+    glob = make_state(layout, 0)
+    step = make_state(layout, 1, 0.02)
     pairs = layout.by_kind("expert")
     big = max(pairs, key=lambda p: p.out_features)  # gate_up (2 * intermediate rows)
     small = [p for p in pairs if p.out_features != big.out_features]
     updates = []
     for i in range(4):
-        noise = random_state(layout, 20 + i, 1e-4)
+        noise = make_state(layout, 20 + i, 1e-4)
         state = dict(glob)
         for p in pairs:
             factor = 1.0
@@ -140,8 +132,8 @@ def test_module_granularity_flags_a_conflict_the_whole_expert_hides(layout):
 
 
 def test_deviation_retention_with_lambda_one_keeps_the_clients_own_experts(layout):
-    glob = random_state(layout, 0)
-    updates = [ClientUpdate(f"c{i}", random_state(layout, 30 + i), num_examples=5 + i) for i in range(3)]
+    glob = make_state(layout, 0)
+    updates = [ClientUpdate(f"c{i}", make_state(layout, 30 + i), num_examples=5 + i) for i in range(3)]
     hub = AggregationHub(layout, "fcmoe", retention_target="deviation", retention_lambda=1.0, server_lr=0.8)
     result = hub.aggregate(glob, updates)
     expert_keys = {k for p in layout.by_kind("expert") for k in (p.a_key, p.b_key)}

@@ -11,24 +11,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_fcmoe.adapters.lora import build_lora_config, expert_layout_from_configs
 from hf_fcmoe.aggregation import AggregationHub, ClientUpdate
 from hf_fcmoe.aggregation.robust import clip_scales, coordinate_aggregate
-from hf_fcmoe.models.families import build_tiny_moe, get_family
+from tests.conftest import make_state, tiny_mixtral_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def layout():
-    model, _ = build_tiny_moe("mixtral")
-    lora_config = build_lora_config(get_family(model.config), r=4, targets=["experts", "router", "attention"])
-    return expert_layout_from_configs(model.config, lora_config)
-
-
-def make_state(layout, seed, scale=0.1):
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=gen) * scale for k, s in layout.expected_shapes().items()}
+    return tiny_mixtral_layout()
 
 
 def honest(layout, glob, num=4, seed=1):

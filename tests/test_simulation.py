@@ -195,3 +195,23 @@ def test_local_clients_keep_training_their_own_adapter(tiny_run_config):
     assert local[3] < local[1] < local[0]  # continued training, not a restart from the initial adapter each round
     assert result.metrics[3]["global_eval_loss"] == pytest.approx(result.metrics[0]["global_eval_loss"])
     assert all(row["bytes_up"] == row["bytes_down"] == 0 for row in result.metrics)  # nothing is exchanged
+
+
+def test_a_field_missing_from_an_older_saved_config_counts_as_unchanged_only_at_its_default(tmp_path):
+    """Runs written before a field existed stay reusable (bench) and resumable while the field keeps its default."""
+    import yaml
+
+    from hf_fcmoe.config import load_config
+    from hf_fcmoe.federation.server_state import config_changes
+    from tests.conftest import TINY_RUN
+
+    config = load_config(overrides={**TINY_RUN, "output_dir": str(tmp_path / "run")})
+    saved = config.to_yaml_dict()
+    del saved["retention_lambda"]  # as if written by a version without the field
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert config_changes(tmp_path / "config.yaml", config) == []
+    changed = load_config(overrides={**TINY_RUN, "output_dir": str(tmp_path / "run"), "retention_lambda": 0.9})
+    assert config_changes(tmp_path / "config.yaml", changed) == ["retention_lambda"]
+    saved["learning_rate"] = 1.0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert "learning_rate" in config_changes(tmp_path / "config.yaml", config)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +41,25 @@ class SimulationResult:
 
 
 def config_changes(saved_path: Path, config: FederatedMoEConfig) -> list[str]:
-    """Fields in which `config` differs from the run config saved at `saved_path` (what resuming must not change)."""
+    """Fields in which `config` differs from the run config saved at `saved_path` (what resuming must not change).
+
+    A field the saved config lacks (the run was written before the field existed) is unchanged when `config` holds
+    its declared default: a new field's default keeps the old behaviour, so a finished run stays reusable.
+    """
     saved, current = yaml.safe_load(saved_path.read_text()), config.to_yaml_dict()
     keys = (set(saved) | set(current)) - RESUME_IGNORED_KEYS
-    return sorted(key for key in keys if saved.get(key) != current.get(key))
+    return sorted(key for key in keys if saved.get(key, _declared_default(config, key)) != current.get(key))
+
+
+def _declared_default(config: FederatedMoEConfig, name: str) -> object:
+    """The dataclass default of field `name` as `to_yaml_dict` writes it; a sentinel when it has none."""
+    for f in fields(config):
+        if f.name == name:
+            value = f.default if f.default is not MISSING else MISSING
+            if value is MISSING and f.default_factory is not MISSING:
+                value = f.default_factory()
+            return value.value if isinstance(value, Enum) else value
+    return MISSING
 
 
 def sample_clients(client_ids: list[str], per_round: int, seed: int, round_index: int) -> list[str]:

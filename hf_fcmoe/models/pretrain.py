@@ -69,7 +69,11 @@ def _is_complete(path: Path, config: PretrainConfig) -> bool:
     recorded = path / "pretrain_config.json"
     if not (recorded.exists() and (path / "routing.json").exists()):
         return False
-    return json.loads(recorded.read_text()) == asdict(config)
+    # where the folder lives is not part of what was trained: a copied or moved base stays reusable
+    recorded_config, wanted = json.loads(recorded.read_text()), asdict(config)
+    recorded_config.pop("output_dir", None)
+    wanted.pop("output_dir")
+    return recorded_config == wanted
 
 
 def pretrain_base(config: PretrainConfig, force: bool = False) -> Path:
