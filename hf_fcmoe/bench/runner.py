@@ -7,7 +7,6 @@ what changed. Progress bars show method, alpha, seed (outer) and rounds (inner).
 
 from __future__ import annotations
 
-import functools
 import json
 import multiprocessing
 import time
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from hf_fcmoe.bench.config import BenchConfig
@@ -63,28 +61,15 @@ def plan_runs(bench: BenchConfig, model_name_or_path: str | None = None) -> list
     return plans
 
 
-# A bench run is one process: DDP settings cannot have changed what it computed.
+# A bench run is one process: DDP settings cannot have changed what it computed (runs written before the config
+# filled in ddp_find_unused_parameters saved null there).
 SINGLE_PROCESS_IRRELEVANT = {"ddp_find_unused_parameters"}
 
 
-@functools.lru_cache(maxsize=1)
-def _default_fields() -> dict[str, Any]:
-    return FederatedMoEConfig(output_dir="unused").to_yaml_dict()
-
-
 def reuse_blockers(saved_config: Path, config: FederatedMoEConfig) -> list[str]:
-    """The settings in which a finished run differs from `config` (empty: reuse it).
-
-    A field the saved config lacks was added to the library after the run; left at its default it selects what
-    the run did (new fields keep the old behaviour at their default), so it does not block reuse.
-    """
-    saved = yaml.safe_load(saved_config.read_text()) or {}
-    current, defaults = config.to_yaml_dict(), _default_fields()
-    return [
-        key
-        for key in config_changes(saved_config, config)
-        if key not in SINGLE_PROCESS_IRRELEVANT and not (key not in saved and current.get(key) == defaults.get(key))
-    ]
+    """The settings in which a finished run differs from `config` (empty: reuse it): `config_changes` (which
+    takes a field the saved config lacks at its declared default as unchanged) less the DDP-only settings."""
+    return [key for key in config_changes(saved_config, config) if key not in SINGLE_PROCESS_IRRELEVANT]
 
 
 def finished_metrics(config: FederatedMoEConfig) -> list[dict] | None:
