@@ -179,7 +179,9 @@ def evaluate(message: Message, context: Context) -> Message:
             session.store.save_residual(round_index, residual)
         residual = session.store.residual_before(round_index + 1)
         personalized = add_scaled(global_state, residual, float(instruction["personal_scale"]))
-        session.store.save_personalized(personalized, session.lora_config, session.tokenizer, round_index)
+        session.store.save_personalized(
+            personalized, session.lora_config, session.tokenizer, round_index, session.client_id
+        )
         raw_eval = {session.client_id: session.eval_rows} if session.config.task == "classification" else None
         splits = {session.client_id: session.splits}
         global_score = score_state(session.worker, splits, global_state, [session.client_id], raw_eval)
@@ -187,6 +189,8 @@ def evaluate(message: Message, context: Context) -> Message:
             local_score = global_score
         else:
             local_score = score_state(session.worker, splits, personalized, [session.client_id], raw_eval)
+        own = (global_score[session.client_id].loss, local_score[session.client_id].loss)
+        session.store.record_round(round_index, str(instruction["recipe"]), session.client_id, *own)
     except Exception as error:  # noqa: BLE001
         return _rejected(message, context, error)
     scores = {"eval_rows": len(session.eval_rows)}
