@@ -8,7 +8,8 @@ the client and the reason, so the server can go on with the others.
 Messages (the server's `FlowerFederation` sends them):
 - query: "who are you?": client id and fingerprint (the node's settings and data are checked too);
 - train: the global adapter (omitted when the node holds it from the last evaluate message); the node adds
-  lambda * its residual, trains, and replies with its update;
+  lambda * its residual, trains, and replies with its update: only the tensors and expert slices that differ
+  from that global (an expert that routed no token comes back unchanged and is not sent);
 - evaluate: the new global adapter and, for clients of the round, their new residual (stored on the node,
   never on the server); the node scores the global and its personalized adapter on its eval rows and
   writes the personalized adapter to `state-dir/personalized`.
@@ -26,7 +27,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from hf_fcmoe.adapters.lora import apply_expert_lora, build_lora_config
+from hf_fcmoe.adapters.layout import ExpertLayout
+from hf_fcmoe.adapters.lora import (
+    apply_expert_lora,
+    build_lora_config,
+    expert_layout_from_configs,
+    expert_layout_from_peft_model,
+)
 from hf_fcmoe.aggregation.types import ClientUpdate, State
 from hf_fcmoe.config import FederatedMoEConfig, load_config
 from hf_fcmoe.federation.client import ClientWorker
@@ -82,6 +89,7 @@ class NodeSession:
         self.lora_config = build_lora_config(
             get_family(model.config), config.lora_r, config.lora_alpha, config.lora_targets, reference
         )
+        self.model_config = model.config
         self.fingerprint = fingerprint(model.config, self.lora_config)
         expected = expected_fingerprint
         if self.fingerprint != expected:
@@ -106,6 +114,13 @@ class NodeSession:
         session = cls(settings, recipe, expected, with_model, run_key)
         session.instruction = instruction
         return session
+
+    @property
+    def layout(self) -> ExpertLayout:
+        """Which tensors are fused expert factors (to send only the experts that changed)."""
+        if self.worker is not None:
+            return expert_layout_from_peft_model(self.worker.model)
+        return expert_layout_from_configs(self.model_config, self.lora_config)
 
     @property
     def client_id(self) -> str:
@@ -159,9 +174,11 @@ def train(message: Message, context: Context) -> Message:
             update = train_with_accelerate(session, start, retained, seed, str(instruction["recipe"]))
         else:
             update = session.worker.train(session.client_id, session.splits, start, seed=seed, retained=retained)
+        # only what differs from the global the round started from travels (the server holds that global)
+        content = update_to_content(update, session.fingerprint, start=global_state, layout=session.layout)
     except Exception as error:  # noqa: BLE001
         return _rejected(message, context, error)
-    return Message(content=update_to_content(update, session.fingerprint), reply_to=message)
+    return Message(content=content, reply_to=message)
 
 
 @app.evaluate()
@@ -173,9 +190,9 @@ def evaluate(message: Message, context: Context) -> Message:
         round_index = int(instruction["round"])
         global_state = get_state(message.content, "global")
         session.store.save_global(round_index, global_state)
-        residual = get_state(message.content, "residual")
-        if residual is not None:  # sent sparse: tensors without a conflict are zero
-            residual = {key: residual.get(key, torch.zeros_like(tensor)) for key, tensor in global_state.items()}
+        zeros = {key: torch.zeros_like(tensor) for key, tensor in global_state.items()}
+        residual = get_state(message.content, "residual", zeros)  # sent sparse: slices without a conflict are 0
+        if residual is not None:
             session.store.save_residual(round_index, residual)
         residual = session.store.residual_before(round_index + 1)
         personalized = add_scaled(global_state, residual, float(instruction["personal_scale"]))

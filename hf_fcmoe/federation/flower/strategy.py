@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -21,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from hf_fcmoe.aggregation import AggregationHub, AggregationResult, ClientUpdate
 from hf_fcmoe.aggregation.types import State
 from hf_fcmoe.federation.client import round_seed
-from hf_fcmoe.federation.flower.codec import content_to_update, put_state, state_to_records
+from hf_fcmoe.federation.flower.codec import content_to_update, put_state, state_bytes, state_to_records
 from hf_fcmoe.federation.retention import new_residuals
 from hf_fcmoe.federation.round_metrics import ClientScore, combine_scores
 from hf_fcmoe.federation.server_state import sample_clients
@@ -144,8 +145,9 @@ class FCMoEStrategy(Strategy):
             problem = reply_problem(reply)
             if problem is None:
                 try:
-                    update, node_fingerprint = content_to_update(reply.content)
-                    outcome.bytes_up += reply.content["update"].count_bytes()
+                    # the node sent only what differs from the global it started from (expert_slices.py)
+                    update, node_fingerprint = content_to_update(reply.content, self.global_state)
+                    outcome.bytes_up += state_bytes(reply.content, "update")
                 except (KeyError, TypeError, ValueError) as error:
                     problem = f"malformed train reply ({type(error).__name__}: {error})"
                 else:
@@ -193,10 +195,11 @@ class FCMoEStrategy(Strategy):
             content = RecordDict()
             put_state(content, "global", self.global_state)
             if cid in residuals:
-                # only tensors with a conflict carry a residual; the node fills in zeros for the others
-                sent = {key: tensor for key, tensor in residuals[cid].items() if bool(tensor.any())}
-                put_state(content, "residual", sent)
-                self.eval_bytes_down += content["residual"].count_bytes()
+                # only the tensors and expert slices with a conflict carry a residual; the node fills in zeros
+                residual = residuals[cid]
+                zeros = {key: torch.zeros_like(tensor) for key, tensor in residual.items()}
+                put_state(content, "residual", residual, zeros, self.hub.layout)
+                self.eval_bytes_down += state_bytes(content, "residual")
             content["instruction"] = self._instruction(server_round, **dict(config))
             self.eval_bytes_down += content["global"].count_bytes()
             messages.append(self._message(content, cid, "evaluate", server_round))
