@@ -152,3 +152,49 @@ def _pushed_texts(env: dict, tmp_path) -> dict[str, str]:
     done = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(out.read_text())
+
+
+def test_the_train_handler_reply_passes_the_hubs_checks_with_dp_applied_on_the_node(
+    tmp_path, tiny_run_config, monkeypatch
+):
+    """In-process: the strategy's train message, the node's train handler, the strategy's decoding. The update
+    carries the round's fingerprint the hub checks, the node was enrolled with its size, and the recipe's
+    client-side DP noise was added on the node before the update left it."""
+    from flwr.app import MetricRecord
+
+    from hf_fcmoe.federation.flower.client_app import train
+    from hf_fcmoe.federation.flower.export_data import export_client_data
+    from hf_fcmoe.federation.flower.server_app import FlowerFederation
+
+    _identity(monkeypatch)
+    config = tiny_run_config(engine="flower", num_clients=1, max_steps=2, dp_noise_multiplier=0.5, dp_clip_norm=1.0)
+    folder = export_client_data(config, tmp_path / "data")["client_000"]
+    federation = FlowerFederation(config, min_nodes=1)
+    strategy = federation._strategy(["client_000"], "runkey")
+    strategy.nodes = {"client_000": 7}
+    rows = len((folder / "train.jsonl").read_text().splitlines())
+    assert federation._enroll("client_000", RecordDict({"data": MetricRecord({"train_rows": rows})})) is None
+    strategy.global_state = global_state = federation.initial_state
+    (message,) = strategy.configure_train(1, None, ConfigRecord(), None)
+    message.metadata.__dict__["_message_id"] = message.object_id
+    node_config = {
+        "client-id": "client_000",
+        "train-data": str(folder / "train.jsonl"),
+        "eval-data": str(folder / "eval.jsonl"),
+        "state-dir": str(tmp_path / "node_state"),
+    }
+    reply = train(message, Context(1, 7, node_config, RecordDict(), {}))
+    assert "rejected" not in reply.content, reply.content
+    assert reply.content["client"]["update_fingerprint"] == federation.hub.fingerprint(1)
+    strategy.aggregate_train(1, [reply])
+    assert strategy.outcome.rejected == {} and [u.client_id for u in strategy.outcome.updates] == ["client_000"]
+    (update,) = strategy.outcome.updates
+    # noise of std 0.5 * clip on every coordinate: far above what 2 steps of training move
+    delta = torch.cat([(update.state[k].float() - global_state[k].float()).flatten() for k in global_state])
+    assert delta.norm() > 0.25 * delta.numel() ** 0.5
+    federation.hub.declared_sizes["client_000"] = 1  # a claim above the enrolled size is refused by the hub
+    result = federation.hub.aggregate(global_state, [update], round=1)
+    assert "exceeds its declared size 1" in result.diagnostics["rejected"]["client_000"]
+    federation.hub.declared_sizes["client_000"] = rows
+    replayed = federation.hub.aggregate(global_state, [update], round=2)  # round 1's update sent again in round 2
+    assert "fingerprint does not match" in replayed.diagnostics["rejected"]["client_000"]

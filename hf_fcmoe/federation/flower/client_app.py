@@ -42,6 +42,7 @@ from hf_fcmoe.federation.flower.node import NodeSettings, NodeStore, load_node_d
 from hf_fcmoe.federation.retention import add_scaled, scaled
 from hf_fcmoe.federation.round_metrics import score_state
 from hf_fcmoe.federation.run_dir import RunDirectory
+from hf_fcmoe.federation.safeguards import finish_update
 from hf_fcmoe.models.families import get_family
 from hf_fcmoe.models.loading import is_tiny, load_base_model, save_base_model
 
@@ -147,7 +148,13 @@ def query(message: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "client": session.client_record(),
-            "data": MetricRecord({"train_rows": len(session.train_rows), "eval_rows": len(session.eval_rows)}),
+            "data": MetricRecord(
+                {
+                    "train_rows": len(session.train_rows),
+                    "eval_rows": len(session.eval_rows),
+                    "num_processes": session.settings.num_processes,
+                }
+            ),
         }
     )
     return Message(content=content, reply_to=message)
@@ -174,6 +181,9 @@ def train(message: Message, context: Context) -> Message:
             update = train_with_accelerate(session, start, retained, seed, str(instruction["recipe"]))
         else:
             update = session.worker.train(session.client_id, session.splits, start, seed=seed, retained=retained)
+        # as the in-process engine: client-side DP when the recipe asks, and the round's fingerprint for the hub
+        configs = (session.model_config.to_dict(), session.lora_config.to_dict())
+        update = finish_update(update, global_state, session.config, *configs, round_index, seed)
         # only what differs from the global the round started from travels (the server holds that global)
         content = update_to_content(update, session.fingerprint, start=global_state, layout=session.layout)
     except Exception as error:  # noqa: BLE001

@@ -6,7 +6,6 @@ sent as its int16 bit pattern and the keys that need the view back are listed ne
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import torch
@@ -14,38 +13,11 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from hf_fcmoe.adapters.layout import ExpertLayout
 from hf_fcmoe.aggregation.types import ClientUpdate, State
+from hf_fcmoe.aggregation.validation import update_fingerprint
 from hf_fcmoe.federation.flower.expert_slices import PackedState, pack_changed, unpack_changed
 
 BF16_KEYS = "bf16_keys"
 RELATIVE = "relative_to_reference"  # JSON {sliced key: [factor, num_experts]}: the state is sent as changes
-# model-config entries that name, place or run a model but do not change the adapter's shapes or meaning
-_VOLATILE_CONFIG_KEYS = {
-    "_name_or_path",
-    "name_or_path",
-    "transformers_version",
-    "dtype",
-    "torch_dtype",
-    "_commit_hash",
-    "_attn_implementation",
-    "_attn_implementation_autoset",
-    "_experts_implementation",
-    "experts_implementation",
-    "use_cache",
-    "output_router_logits",
-    "architectures",
-}
-_LORA_KEYS = (
-    "r",
-    "lora_alpha",
-    "target_modules",
-    "target_parameters",
-    "modules_to_save",
-    "rank_pattern",
-    "alpha_pattern",
-    "use_rslora",
-    "bias",
-    "layers_to_transform",
-)
 
 
 def state_to_records(state: State) -> tuple[ArrayRecord, list[str]]:
@@ -115,14 +87,10 @@ def state_wire_bytes(state: State) -> int:
 
 
 def fingerprint(model_config, lora_config) -> str:
-    """A short hash of what makes two adapters exchangeable: the base architecture and the LoraConfig."""
-    config = {k: v for k, v in model_config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    lora = {}
-    for key in _LORA_KEYS:
-        value = getattr(lora_config, key, None)
-        lora[key] = sorted(value) if isinstance(value, (set, list, tuple)) else value
-    text = json.dumps({"model": config, "lora": lora}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """What makes two adapters exchangeable, short: the hub's `update_fingerprint` of the base config and the
+    LoraConfig (paths, dtypes and versions left out). A node is checked with it when it joins and at every message;
+    each update then carries the round's full fingerprint, which the `AggregationHub` checks (`announce`)."""
+    return update_fingerprint(model_config.to_dict(), lora_config.to_dict(), 0)[:16]
 
 
 def update_to_content(
@@ -141,7 +109,10 @@ def update_to_content(
     content["metrics"] = MetricRecord(metrics)
     if update.expert_counts is not None:
         content["expert_counts"] = ArrayRecord({"counts": update.expert_counts.to(torch.int64).contiguous()})
-    content["client"] = ConfigRecord({"client_id": update.client_id, "fingerprint": node_fingerprint})
+    client = {"client_id": update.client_id, "fingerprint": node_fingerprint}
+    if update.fingerprint is not None:  # the round's fingerprint the hub checks (federation/safeguards.py)
+        client["update_fingerprint"] = update.fingerprint
+    content["client"] = ConfigRecord(client)
     return content
 
 
@@ -162,5 +133,6 @@ def content_to_update(content: RecordDict, start: State | None = None) -> tuple[
         expert_counts=counts,
         train_loss=train_loss,
         metrics=metrics,
+        fingerprint=str(client["update_fingerprint"]) if "update_fingerprint" in client else None,
     )
     return update, str(client["fingerprint"])

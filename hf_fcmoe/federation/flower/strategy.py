@@ -2,7 +2,8 @@
 
 `configure_train` samples the round's clients exactly as the in-process engine does (seeded by round),
 `aggregate_train` turns replies into `ClientUpdate`s, rejects what is wrong with a reason naming the client
-(error replies, node-side rejections, fingerprint or client-id mismatches; the hub then validates the rest),
+(error replies, node-side rejections, client-id mismatches; the hub then validates the rest: enrolment, claimed
+sizes, the round's config fingerprint, shapes and values),
 and hands the accepted ones to `AggregationHub.aggregate`. Per-client numbers (num_examples, expert counts,
 train loss) stay per client: nothing goes through Flower's metric averaging.
 """
@@ -59,7 +60,6 @@ class FCMoEStrategy(Strategy):
         per_round: int,
         seed: int,
         instruction: dict,
-        fingerprint: str,
         personal_scale: float,
         keeps_own_state: bool,
     ):
@@ -68,7 +68,6 @@ class FCMoEStrategy(Strategy):
         self.per_round = per_round
         self.seed = seed
         self.instruction = dict(instruction)  # recipe, fingerprint, run_key: sent with every message
-        self.fingerprint = fingerprint
         self.personal_scale = personal_scale
         self.keeps_own_state = keeps_own_state
         self.nodes: dict[str, int] = {}  # client id -> live node id (kept by the ServerApp's node directory)
@@ -146,17 +145,13 @@ class FCMoEStrategy(Strategy):
             if problem is None:
                 try:
                     # the node sent only what differs from the global it started from (expert_slices.py)
-                    update, node_fingerprint = content_to_update(reply.content, self.global_state)
+                    update, _ = content_to_update(reply.content, self.global_state)
                     outcome.bytes_up += state_bytes(reply.content, "update")
                 except (KeyError, TypeError, ValueError) as error:
                     problem = f"malformed train reply ({type(error).__name__}: {error})"
                 else:
-                    if update.client_id != cid:
+                    if update.client_id != cid:  # the hub checks enrolment, sizes and the round's fingerprint
                         problem = f"replied as client {update.client_id!r}"
-                    elif node_fingerprint != self.fingerprint:
-                        problem = (
-                            f"base model or LoRA config differs (fingerprint {node_fingerprint} != {self.fingerprint})"
-                        )
             if problem is not None:
                 outcome.rejected[cid] = f"client {cid!r} (node {node}): {problem}"
                 log(INFO, "round %s: rejected %s", server_round, outcome.rejected[cid])
