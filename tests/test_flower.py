@@ -72,7 +72,9 @@ def test_update_reply_keeps_per_client_numbers(tiny_layout):
 def test_fingerprint_names_architecture_and_lora_not_paths(tiny_layout):
     model_config, lora_config, _ = tiny_layout
     reference = fingerprint(model_config, lora_config)
-    moved = model_config.__class__(**{**model_config.to_dict(), "_name_or_path": "/elsewhere"})
+    # a saved copy of the same base (save_pretrained adds `architectures`) loaded from another folder
+    saved = {**model_config.to_dict(), "_name_or_path": "/elsewhere", "architectures": ["MixtralForCausalLM"]}
+    moved = model_config.__class__(**saved)
     assert fingerprint(moved, lora_config) == reference
     other_rank = build_lora_config(get_family(model_config), 8, 8, ["experts", "router"])
     assert fingerprint(model_config, other_rank) != reference
