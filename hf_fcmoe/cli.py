@@ -95,6 +95,12 @@ def _push(args: argparse.Namespace, overrides: dict) -> int:
         return input("push this? [y/N] ").strip().lower() in ("y", "yes")
 
     rounds = int(args.rounds) if args.rounds.isdigit() else args.rounds
+    from hf_fcmoe.hub.plan import find_node_run
+
+    if find_node_run(args.run_dir) is not None:  # a Flower node's state-dir: its own personalized adapter only
+        report = _push_node(args, confirm)
+        print("nothing pushed" if report is None else report.summary())
+        return 0
     report = push_run(
         args.run_dir,
         args.repo_id,
@@ -109,6 +115,29 @@ def _push(args: argparse.Namespace, overrides: dict) -> int:
     )
     print("nothing pushed" if report is None else report.summary())
     return 0
+
+
+def _push_node(args: argparse.Namespace, confirm):
+    from hf_fcmoe.hub.publisher import push_node_run
+
+    server_only = {
+        "--clients": args.clients != "none",
+        "--personalized_repo_id": args.personalized_repo_id,
+        "--rounds": args.rounds != "final",
+    }
+    given = [name for name, value in server_only.items() if value]
+    if given:
+        raise ValueError(f"{' '.join(given)}: for a server run directory; a node pushes only its own adapter")
+    return push_node_run(
+        args.run_dir,
+        args.repo_id,
+        global_repo_id=args.global_repo_id,
+        base_repo_id=args.base_repo_id,
+        private=args.private,
+        token=args.token,
+        endpoint=args.endpoint,
+        confirm=confirm,
+    )
 
 
 def _partition(args: argparse.Namespace, overrides: dict) -> int:
@@ -233,8 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--config", default=None, help="optional YAML of UpcycleConfig fields")
     upcycle.set_defaults(handler=_upcycle)
     push = sub.add_parser("push", help="publish a run's global (and named personalized) adapters to the Hub")
-    push.add_argument("run_dir", help="the run directory (output_dir of a run)")
-    push.add_argument("--repo_id", required=True, help="Hub repo ORG/NAME of the global adapter")
+    push.add_argument(
+        "run_dir", help="the run directory (output_dir of a run), or a Flower node's state-dir (its own adapter)"
+    )
+    push.add_argument(
+        "--repo_id", required=True, help="Hub repo ORG/NAME of the global adapter (of a node: its own adapter)"
+    )
+    push.add_argument(
+        "--global_repo_id", default=None, help="a node's push: the federation's global adapter its card names"
+    )
     push.add_argument("--private", action="store_true", help="create the repos private")
     push.add_argument("--clients", default="none", help="personalized adapters to push: all, none, or ID,ID,...")
     push.add_argument(

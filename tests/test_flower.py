@@ -13,7 +13,7 @@ pytest.importorskip("flwr")
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict  # noqa: E402
 
 from hf_fcmoe.adapters.lora import build_lora_config, expert_layout_from_configs  # noqa: E402
-from hf_fcmoe.aggregation import ClientUpdate  # noqa: E402
+from hf_fcmoe.aggregation import ClientUpdate, update_fingerprint  # noqa: E402
 from hf_fcmoe.federation.flower.codec import (  # noqa: E402
     content_to_update,
     fingerprint,
@@ -72,7 +72,9 @@ def test_update_reply_keeps_per_client_numbers(tiny_layout):
 def test_fingerprint_names_architecture_and_lora_not_paths(tiny_layout):
     model_config, lora_config, _ = tiny_layout
     reference = fingerprint(model_config, lora_config)
-    moved = model_config.__class__(**{**model_config.to_dict(), "_name_or_path": "/elsewhere"})
+    # a saved copy of the same base (save_pretrained adds `architectures`) loaded from another folder
+    saved = {**model_config.to_dict(), "_name_or_path": "/elsewhere", "architectures": ["MixtralForCausalLM"]}
+    moved = model_config.__class__(**saved)
     assert fingerprint(moved, lora_config) == reference
     other_rank = build_lora_config(get_family(model_config), 8, 8, ["experts", "router"])
     assert fingerprint(model_config, other_rank) != reference
@@ -134,7 +136,6 @@ def _strategy(config, layout, fingerprint_value="fp"):
         per_round=5,
         seed=0,
         instruction={"recipe": "", "fingerprint": fingerprint_value, "run_key": "k"},
-        fingerprint=fingerprint_value,
         personal_scale=0.5,
         keeps_own_state=False,
     )
@@ -151,9 +152,12 @@ def _sent(messages):
 def test_strategy_rejects_bad_replies_by_name_and_aggregates_the_rest(
     tiny_run_config, tiny_layout, serverapp_identity
 ):
-    layout = tiny_layout[2]
+    model_config, lora_config, layout = tiny_layout
     config = tiny_run_config(aggregation_method="fedavg")
     strategy = _strategy(config, layout)
+    configs = (model_config.to_dict(), lora_config.to_dict())
+    strategy.hub.announce(*configs)  # as the ServerApp does: the hub checks each update's round fingerprint
+    round_1 = update_fingerprint(*configs, 1)
     global_state = _state(layout, 0)
     strategy.global_state = global_state
     messages = _sent(strategy.configure_train(1, None, ConfigRecord(), None))
@@ -163,7 +167,7 @@ def test_strategy_rejects_bad_replies_by_name_and_aggregates_the_rest(
         int(first.content["instruction"]["round"]) == 1
         and get_state(first.content, "global").keys() == global_state.keys()
     )
-    good = ClientUpdate("client_000", _state(layout, 5), 10)
+    good = ClientUpdate("client_000", _state(layout, 5), 10, fingerprint=round_1)
     nan_state = _state(layout, 6)
     nan_state[next(iter(nan_state))][0, 0] = float("nan")
     replies = [
@@ -176,21 +180,29 @@ def test_strategy_rejects_bad_replies_by_name_and_aggregates_the_rest(
         ),
         Message(error=Error(code=1, reason="node went away"), reply_to=messages[102]),
         Message(
-            content=update_to_content(ClientUpdate("client_003", _state(layout, 7), 10), "other"),
+            # trained from another round's configs (stale or foreign)
+            content=update_to_content(
+                ClientUpdate("client_003", _state(layout, 7), 10, fingerprint=update_fingerprint(*configs, 0)), "fp"
+            ),
             reply_to=messages[103],
         ),
-        Message(content=update_to_content(ClientUpdate("client_004", nan_state, 10), "fp"), reply_to=messages[104]),
+        Message(
+            content=update_to_content(ClientUpdate("client_004", nan_state, 10, fingerprint=round_1), "fp"),
+            reply_to=messages[104],
+        ),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     rejected = strategy.outcome.rejected
     assert sorted(rejected) == ["client_001", "client_003", "client_004"]
     assert "does not exist" in rejected["client_001"] and "node 101" in rejected["client_001"]
     assert "node went away" in strategy.outcome.missing["client_002"]
-    assert "fingerprint other != fp" in rejected["client_003"]
+    assert "fingerprint does not match" in rejected["client_003"]
     assert "NaN" in rejected["client_004"]
     assert [u.client_id for u in strategy.outcome.updates] == ["client_000"]
     expected = build_hub(config, layout).aggregate(global_state, [good], round=1).global_state
     assert all(torch.equal(strategy.global_state[k], expected[k]) for k in expected)
+    # the reply carries the update's fingerprint for the hub
+    assert content_to_update(update_to_content(good, "fp"))[0].fingerprint == round_1
 
 
 def test_strategy_keeps_the_global_when_every_reply_is_bad(tiny_run_config, tiny_layout, serverapp_identity):
@@ -294,8 +306,9 @@ def test_server_admits_good_nodes_and_names_refused_ones(tiny_run_config, server
     federation = FlowerFederation(tiny_run_config(engine="flower", num_clients=1), wait_timeout=5, min_nodes=1)
     strategy = federation._strategy([], "key")
     good = ConfigRecord({"client_id": "client_000", "fingerprint": federation.fingerprint})
+    data = MetricRecord({"train_rows": 40, "eval_rows": 10, "num_processes": 2})
     answers = {
-        11: RecordDict({"client": good}),
+        11: RecordDict({"client": good, "data": data}),
         12: RecordDict({"rejected": ConfigRecord({"client_id": "client_001", "reason": "no usable text column"})}),
         13: RecordDict({"client": ConfigRecord({"client_id": "client_002", "fingerprint": "0000"})}),
     }
@@ -305,6 +318,11 @@ def test_server_admits_good_nodes_and_names_refused_ones(tiny_run_config, server
     assert "node 12" in federation.join_rejected["client_001"]
     assert "fingerprint 0000" in federation.join_rejected["client_002"]
     assert set(federation.refused) == {12, 13}
+    # enrolled with the hub as in-process: declared size, routed-token bound of its 2 processes
+    assert federation.hub.declared_sizes == {"client_000": 40}
+    config = federation.config
+    bound = 2 * config.per_device_train_batch_size * config.max_steps * config.max_length * 2  # top_k 2
+    assert federation.hub.token_bounds == {"client_000": bound * config.gradient_accumulation_steps}
     assert not (federation.run_dir.root / "metrics.jsonl").exists(), "nothing is written before the run starts"
 
 

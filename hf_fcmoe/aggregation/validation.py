@@ -37,6 +37,7 @@ _VOLATILE_BASE_KEYS = {
     "output_hidden_states",
     "output_router_logits",
     "return_dict",
+    "architectures",  # set by save_pretrained: a model built in code and its saved copy have the same architecture
 }
 _VOLATILE_LORA_KEYS = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "runtime_config"}
 

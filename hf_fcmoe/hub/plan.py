@@ -305,3 +305,126 @@ def plan_push(
         ]
         targets.append(PushTarget(repo_id, "main", "global", files, f"Global adapter, round {t}", t, tag=round_tag(t)))
     return PushPlan(targets, private=private, repos=list(dict.fromkeys(t.repo_id for t in targets)))
+
+
+# --- a Flower node's own push: its personalized adapter, from its state-dir (federation/flower/node.py writes it)
+NODE_ADAPTER = "personalized"
+NODE_ROUND_FILE = "round.json"  # = federation.flower.node.NODE_ROUND_FILE (this module imports no torch)
+NODE_RECIPE_FILE = "recipe.yaml"
+NODE_METRICS_FILE = "metrics.jsonl"
+
+
+def find_node_run(path: str | Path) -> Path | None:
+    """The node run folder under a Flower node's `state-dir` (or the folder itself), None if `path` is not one.
+
+    A state-dir holds one folder per federation run (`runs/<run_key>/`); with several, the user names one.
+    """
+    path = Path(path)
+    if (path / NODE_ADAPTER / NODE_ROUND_FILE).is_file():
+        return path
+    runs = sorted(p for p in (path / "runs").glob("*") if (p / NODE_ADAPTER / NODE_ROUND_FILE).is_file())
+    if len(runs) > 1:
+        names = ", ".join(str(p) for p in runs)
+        raise ValueError(f"node state-dir {path} holds {len(runs)} federation runs ({names}): pass the one to push")
+    return runs[0] if runs else None
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(REPO_ID.match(name)) and not name.startswith(("tiny:", "/", ".", "~"))
+
+
+@dataclass
+class NodeRunContents:
+    """What a node keeps of one federation run: its personalized adapter, the recipe, its own eval losses."""
+
+    root: Path
+    client_id: str
+    round_index: int
+    run: RunContents  # the recipe and this node's metric rows, in the shape the card renderer reads
+
+    @classmethod
+    def read(cls, root: Path) -> NodeRunContents:
+        marker = json.loads((root / NODE_ADAPTER / NODE_ROUND_FILE).read_text())
+        recipe, metrics = root / NODE_RECIPE_FILE, root / NODE_METRICS_FILE
+        if not recipe.is_file() or not metrics.is_file():
+            raise FileNotFoundError(
+                f"node run {root} has no {NODE_RECIPE_FILE}/{NODE_METRICS_FILE} (written by an older hf_fcmoe): "
+                "run one more round with this version to push it"
+            )
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        round_index = int(marker["round"])
+        run = RunContents(root, yaml.safe_load(recipe.read_text()), round_index, rows)
+        client_id = str(marker.get("client_id") or next(iter(rows[-1]["local_eval_loss_per_client"])))
+        return cls(root, client_id, round_index, run)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.root / NODE_ADAPTER
+
+    def local_base_dir(self) -> Path | None:
+        """The node's base folder when the recipe's base is not a Hub id (tiny, or a local path on the server)."""
+        if _is_hub_id(str(self.run.config.get("model_name_or_path", ""))):
+            return None
+        config = json.loads((self.adapter_dir / "adapter_config.json").read_text())
+        base = Path(str(config["base_model_name_or_path"]))
+        return base if base.is_absolute() else (self.adapter_dir / base).resolve()  # saved relative to the adapter
+
+
+def plan_node_push(
+    node_dir: str | Path,
+    repo_id: str,
+    global_repo_id: str | None,
+    *,
+    base_repo_id: str | None = None,
+    private: bool = False,
+    render_card: CardRenderer | None = None,
+) -> PushPlan:
+    """The commits that publish one Flower node's personalized adapter (on `main` of `repo_id`), and nothing of
+    the server: a card naming the federation's global adapter (`global_repo_id`) and the base. A base that is not
+    on the Hub goes to `base_repo_id` (default `<global_repo_id>-base`, where the server's push puts it; files
+    already there unchanged make no commit)."""
+    if render_card is None:
+        from hf_fcmoe.hub.cards import render_card
+    check_repo_id(repo_id)
+    if not global_repo_id:
+        raise ValueError(
+            "a node's push needs --global_repo_id ORG/NAME: the federation's global adapter its card names"
+        )
+    check_repo_id(global_repo_id, "global_repo_id")
+    found = find_node_run(node_dir)
+    if found is None:
+        raise FileNotFoundError(f"{node_dir} holds no personalized adapter of a Flower node")
+    node = NodeRunContents.read(found)
+    targets: list[PushTarget] = []
+    base_dir = node.local_base_dir()
+    if base_dir is not None:
+        base_id = check_repo_id(base_repo_id or f"{global_repo_id}-base", "base_repo_id")
+        if not (base_dir / "config.json").is_file():
+            raise FileNotFoundError(f"base model folder {base_dir} of the node's adapter is missing")
+        cards = render_card(
+            kind="base", run=node.run, repo_id=base_id, adapter_repo_id=global_repo_id, base_model_id=base_id
+        )
+        files = _folder_files(base_dir) + _card_files(cards)
+        targets.append(PushTarget(base_id, "main", "base", files, f"Base model of {global_repo_id}"))
+    else:
+        base_id = str(node.run.config["model_name_or_path"])
+    cards = render_card(
+        kind="personalized",
+        run=node.run,
+        repo_id=repo_id,
+        revision="main",
+        client_id=node.client_id,
+        base_model_id=base_id,
+        global_repo_id=global_repo_id,
+        round_index=node.round_index,
+    )
+    files = [
+        _adapter_config_for_hub(node.adapter_dir, base_id),
+        *_folder_files(node.adapter_dir, (*REWRITTEN_FILES, NODE_ROUND_FILE)),
+        *_card_files(cards),
+    ]
+    message = f"Personalized adapter of {node.client_id}, round {node.round_index}"
+    targets.append(
+        PushTarget(repo_id, "main", "personalized", files, message, node.round_index, client_id=node.client_id)
+    )
+    return PushPlan(targets, private=private, repos=list(dict.fromkeys(t.repo_id for t in targets)))

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from hf_fcmoe.hub.plan import PushPlan, PushTarget, UploadFile, plan_push
+from hf_fcmoe.hub.plan import PushPlan, PushTarget, UploadFile, plan_node_push, plan_push
 
 try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
     from httpx2 import TransportError
@@ -297,6 +297,27 @@ def push_run(
         plan = plan_push(
             run_dir, repo_id, rounds=rounds, published_tags=publisher.published_tags(repo_id, run_dir), **options
         )
+    if confirm is not None and not confirm(plan, publisher.endpoint):
+        return None
+    return publisher.push(plan)
+
+
+def push_node_run(
+    node_dir: str | Path,
+    repo_id: str,
+    *,
+    global_repo_id: str | None,
+    base_repo_id: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    confirm: Callable[[PushPlan, str], bool] | None = None,
+    retries: int = 4,
+    backoff_s: float = 0.5,
+) -> PushReport | None:
+    """Publish a Flower node's personalized adapter from its state-dir with the node's own token."""
+    plan = plan_node_push(node_dir, repo_id, global_repo_id, base_repo_id=base_repo_id, private=private)
+    publisher = HubPublisher(token=token, endpoint=endpoint, retries=retries, backoff_s=backoff_s)
     if confirm is not None and not confirm(plan, publisher.endpoint):
         return None
     return publisher.push(plan)

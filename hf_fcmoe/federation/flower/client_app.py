@@ -8,7 +8,8 @@ the client and the reason, so the server can go on with the others.
 Messages (the server's `FlowerFederation` sends them):
 - query: "who are you?": client id and fingerprint (the node's settings and data are checked too);
 - train: the global adapter (omitted when the node holds it from the last evaluate message); the node adds
-  lambda * its residual, trains, and replies with its update;
+  lambda * its residual, trains, and replies with its update: only the tensors and expert slices that differ
+  from that global (an expert that routed no token comes back unchanged and is not sent);
 - evaluate: the new global adapter and, for clients of the round, their new residual (stored on the node,
   never on the server); the node scores the global and its personalized adapter on its eval rows and
   writes the personalized adapter to `state-dir/personalized`. With `retention_lambda_grid` the node first
@@ -28,7 +29,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from hf_fcmoe.adapters.lora import apply_expert_lora, build_lora_config
+from hf_fcmoe.adapters.layout import ExpertLayout
+from hf_fcmoe.adapters.lora import (
+    apply_expert_lora,
+    build_lora_config,
+    expert_layout_from_configs,
+    expert_layout_from_peft_model,
+)
 from hf_fcmoe.aggregation.types import ClientUpdate, State
 from hf_fcmoe.config import FederatedMoEConfig, load_config
 from hf_fcmoe.federation.client import ClientWorker
@@ -38,6 +45,7 @@ from hf_fcmoe.federation.lambda_choice import choose_on_validation, hold_out_val
 from hf_fcmoe.federation.retention import add_scaled, scaled
 from hf_fcmoe.federation.round_metrics import score_state
 from hf_fcmoe.federation.run_dir import RunDirectory
+from hf_fcmoe.federation.safeguards import finish_update
 from hf_fcmoe.models.families import get_family
 from hf_fcmoe.models.loading import is_tiny, load_base_model, save_base_model
 
@@ -87,6 +95,7 @@ class NodeSession:
         self.lora_config = build_lora_config(
             get_family(model.config), config.lora_r, config.lora_alpha, config.lora_targets, reference
         )
+        self.model_config = model.config
         self.fingerprint = fingerprint(model.config, self.lora_config)
         expected = expected_fingerprint
         if self.fingerprint != expected:
@@ -113,6 +122,13 @@ class NodeSession:
         return session
 
     @property
+    def layout(self) -> ExpertLayout:
+        """Which tensors are fused expert factors (to send only the experts that changed)."""
+        if self.worker is not None:
+            return expert_layout_from_peft_model(self.worker.model)
+        return expert_layout_from_configs(self.model_config, self.lora_config)
+
+    @property
     def client_id(self) -> str:
         return self.settings.client_id
 
@@ -137,7 +153,13 @@ def query(message: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "client": session.client_record(),
-            "data": MetricRecord({"train_rows": len(session.train_rows), "eval_rows": len(session.eval_rows)}),
+            "data": MetricRecord(
+                {
+                    "train_rows": len(session.train_rows),
+                    "eval_rows": len(session.eval_rows),
+                    "num_processes": session.settings.num_processes,
+                }
+            ),
         }
     )
     return Message(content=content, reply_to=message)
@@ -168,9 +190,14 @@ def train(message: Message, context: Context) -> Message:
             update = train_with_accelerate(session, start, retained, seed, str(instruction["recipe"]))
         else:
             update = session.worker.train(session.client_id, session.splits, start, seed=seed, retained=retained)
+        # as the in-process engine: client-side DP when the recipe asks, and the round's fingerprint for the hub
+        configs = (session.model_config.to_dict(), session.lora_config.to_dict())
+        update = finish_update(update, global_state, session.config, *configs, round_index, seed)
+        # only what differs from the global the round started from travels (the server holds that global)
+        content = update_to_content(update, session.fingerprint, start=global_state, layout=session.layout)
     except Exception as error:  # noqa: BLE001
         return _rejected(message, context, error)
-    return Message(content=update_to_content(update, session.fingerprint), reply_to=message)
+    return Message(content=content, reply_to=message)
 
 
 @app.evaluate()
@@ -182,9 +209,9 @@ def evaluate(message: Message, context: Context) -> Message:
         round_index = int(instruction["round"])
         global_state = get_state(message.content, "global")
         session.store.save_global(round_index, global_state)
-        residual = get_state(message.content, "residual")
-        if residual is not None:  # sent sparse: tensors without a conflict are zero
-            residual = {key: residual.get(key, torch.zeros_like(tensor)) for key, tensor in global_state.items()}
+        zeros = {key: torch.zeros_like(tensor) for key, tensor in global_state.items()}
+        residual = get_state(message.content, "residual", zeros)  # sent sparse: slices without a conflict are 0
+        if residual is not None:
             session.store.save_residual(round_index, residual)
         residual = session.store.residual_before(round_index + 1)
         scale, choice = float(instruction["personal_scale"]), None
@@ -194,7 +221,9 @@ def evaluate(message: Message, context: Context) -> Message:
             session.store.save_lambda(round_index, choice.value)
             scale = choice.value
         personalized = add_scaled(global_state, residual, scale)
-        session.store.save_personalized(personalized, session.lora_config, session.tokenizer, round_index)
+        session.store.save_personalized(
+            personalized, session.lora_config, session.tokenizer, round_index, session.client_id
+        )
         raw_eval = {session.client_id: session.eval_rows} if session.config.task == "classification" else None
         splits = {session.client_id: session.splits}
         global_score = score_state(session.worker, splits, global_state, [session.client_id], raw_eval)
@@ -202,6 +231,8 @@ def evaluate(message: Message, context: Context) -> Message:
             local_score = global_score
         else:
             local_score = score_state(session.worker, splits, personalized, [session.client_id], raw_eval)
+        own = (global_score[session.client_id].loss, local_score[session.client_id].loss)
+        session.store.record_round(round_index, str(instruction["recipe"]), session.client_id, *own)
     except Exception as error:  # noqa: BLE001
         return _rejected(message, context, error)
     scores = {"eval_rows": len(session.eval_rows), **(choice.metrics() if choice is not None else {})}

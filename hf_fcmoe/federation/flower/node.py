@@ -33,6 +33,10 @@ NODE_CONFIG_KEYS = {
 _REQUIRED = ("client-id", "train-data", "state-dir")
 _ROUND_FILE = re.compile(r"(residual|global)-(\d+)\.safetensors")
 KEEP_RESIDUAL_ROUNDS = 2
+# a node's run folder as `hf-fcmoe push` reads it (hub/plan.py: NodeRunContents)
+NODE_ROUND_FILE = "round.json"  # in personalized/: the round and client of the adapter
+NODE_RECIPE_FILE = "recipe.yaml"
+NODE_METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -163,6 +167,27 @@ class NodeStore:
         earlier = [key for key in self._lambdas() if key < round_index]
         return self._lambdas()[max(earlier)] if earlier else None
 
-    def save_personalized(self, state: State, lora_config, tokenizer, round_index: int) -> None:
+    def save_personalized(self, state: State, lora_config, tokenizer, round_index: int, client_id: str = "") -> None:
         save_adapter_folder(self.personalized_dir, state, lora_config, tokenizer)
-        (self.personalized_dir / "round.json").write_text(json.dumps({"round": round_index}))
+        (self.personalized_dir / NODE_ROUND_FILE).write_text(
+            json.dumps({"round": round_index, "client_id": client_id})
+        )
+
+    def record_round(self, round_index: int, recipe_yaml: str, client_id: str, global_loss: float, local_loss: float):
+        """What `hf-fcmoe push` on this node needs for the personalized adapter's card: the run's recipe (as the
+        server sent it) and this node's own eval losses per round, in the run directory's field names."""
+        (self.root / NODE_RECIPE_FILE).write_text(recipe_yaml)
+        path = self.root / NODE_METRICS_FILE
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        rows = [row for row in rows if row["round"] != round_index]  # a resumed round replaces its row
+        rows.append(
+            {
+                "round": round_index,
+                "global_eval_loss_per_client": {client_id: global_loss},
+                "local_eval_loss_per_client": {client_id: local_loss},
+            }
+        )
+        rows.sort(key=lambda row: row["round"])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        tmp.replace(path)

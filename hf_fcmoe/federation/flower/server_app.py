@@ -17,6 +17,7 @@ import json
 import math
 import time
 import uuid
+from functools import partial
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from hf_fcmoe.federation.flower.initial_adapter import draw_initial_adapter, loa
 from hf_fcmoe.federation.flower.strategy import FCMoEStrategy, reply_problem
 from hf_fcmoe.federation.retention import hub_retention
 from hf_fcmoe.federation.run_dir import RunDirectory
+from hf_fcmoe.federation.safeguards import dp_metrics, enroll_clients
 
 RUN_CONFIG_KEYS = {
     "recipe": "recipe YAML (FederatedMoEConfig fields), relative to the app folder or absolute; required",
@@ -99,6 +101,8 @@ class FlowerFederation:
         self.initial_state = setup.initial_state
         self.fingerprint = fingerprint(setup.model_config, self.lora_config)
         self.hub = server_state.build_hub(config, self.layout)
+        # every update must come from this base + adapter config and round (checked by the hub, as in-process)
+        self.hub.announce(setup.model_config.to_dict(), self.lora_config.to_dict())
         self.keeps_own_state = config.aggregation_method == "local"
         self.refused: dict[int, str] = {}
         self.join_rejected: dict[str, str] = {}
@@ -112,7 +116,6 @@ class FlowerFederation:
             self.config.sampled_per_round,
             self.config.seed,
             instruction={"recipe": recipe, "fingerprint": self.fingerprint, "run_key": run_key},
-            fingerprint=self.fingerprint,
             personal_scale=1.0 if self.keeps_own_state else hub_retention(self.hub),
             keeps_own_state=self.keeps_own_state,
         )
@@ -154,6 +157,8 @@ class FlowerFederation:
             elif cid in strategy.nodes:  # a restarted node whose old id is not declared dead yet: ask again later
                 log(INFO, "client %r on node %s waits: node %s still holds it", cid, node, strategy.nodes[cid])
                 return
+            else:
+                problem = self._enroll(cid, reply.content)
         if problem is not None:
             if cid is None and reply.has_error() is False and "rejected" in reply.content:
                 cid = str(reply.content["rejected"]["client_id"])
@@ -165,6 +170,16 @@ class FlowerFederation:
         strategy.nodes[cid] = node
         strategy.holds_global.pop(cid, None)  # a new node: send it the global in full
         log(INFO, "client %r joined on node %s", cid, node)
+
+    def _enroll(self, cid: str, content) -> str | None:
+        """Tell the hub the node's declared size and routed-token bound (what the in-process engine enrolls)."""
+        try:
+            data = content["data"]
+            rows, processes = int(data["train_rows"]), int(data.get("num_processes", 1))
+            enroll_clients(self.hub, self.config, {cid: rows}, self.layout.top_k, processes)
+        except (KeyError, TypeError, ValueError) as error:
+            return f"cannot be enrolled ({error})"
+        return None
 
     # ------------------------------------------------------------------ the loop
     def _federation_file(self) -> Path:
@@ -263,6 +278,10 @@ class FlowerFederation:
         """Flower-only fields: bytes as sent (ArrayRecords), who joined late or was refused, eval gaps."""
         row["bytes_up"], row["bytes_down"] = bytes_up, bytes_down
         row["engine"] = "flower"
+        sampled = partial(
+            server_state.sample_clients, strategy.client_ids, self.config.sampled_per_round, self.config.seed
+        )
+        row.update(dp_metrics(self.config, sampled, row["round"]))  # as in-process: epsilon of rounds 1..t
         if self.join_rejected:
             row["rejected"] = {**row.get("rejected", {}), **self.join_rejected}
             self.join_rejected = {}

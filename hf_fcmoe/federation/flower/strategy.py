@@ -2,7 +2,8 @@
 
 `configure_train` samples the round's clients exactly as the in-process engine does (seeded by round),
 `aggregate_train` turns replies into `ClientUpdate`s, rejects what is wrong with a reason naming the client
-(error replies, node-side rejections, fingerprint or client-id mismatches; the hub then validates the rest),
+(error replies, node-side rejections, client-id mismatches; the hub then validates the rest: enrolment, claimed
+sizes, the round's config fingerprint, shapes and values),
 and hands the accepted ones to `AggregationHub.aggregate`. Per-client numbers (num_examples, expert counts,
 train loss) stay per client: nothing goes through Flower's metric averaging.
 """
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -21,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from hf_fcmoe.aggregation import AggregationHub, AggregationResult, ClientUpdate
 from hf_fcmoe.aggregation.types import State
 from hf_fcmoe.federation.client import round_seed
-from hf_fcmoe.federation.flower.codec import content_to_update, put_state, state_to_records
+from hf_fcmoe.federation.flower.codec import content_to_update, put_state, state_bytes, state_to_records
 from hf_fcmoe.federation.lambda_choice import LambdaChoice, row_fields
 from hf_fcmoe.federation.retention import new_residuals
 from hf_fcmoe.federation.round_metrics import ClientScore, combine_scores
@@ -59,7 +61,6 @@ class FCMoEStrategy(Strategy):
         per_round: int,
         seed: int,
         instruction: dict,
-        fingerprint: str,
         personal_scale: float,
         keeps_own_state: bool,
     ):
@@ -68,7 +69,6 @@ class FCMoEStrategy(Strategy):
         self.per_round = per_round
         self.seed = seed
         self.instruction = dict(instruction)  # recipe, fingerprint, run_key: sent with every message
-        self.fingerprint = fingerprint
         self.personal_scale = personal_scale
         self.keeps_own_state = keeps_own_state
         self.nodes: dict[str, int] = {}  # client id -> live node id (kept by the ServerApp's node directory)
@@ -145,17 +145,14 @@ class FCMoEStrategy(Strategy):
             problem = reply_problem(reply)
             if problem is None:
                 try:
-                    update, node_fingerprint = content_to_update(reply.content)
-                    outcome.bytes_up += reply.content["update"].count_bytes()
+                    # the node sent only what differs from the global it started from (expert_slices.py)
+                    update, _ = content_to_update(reply.content, self.global_state)
+                    outcome.bytes_up += state_bytes(reply.content, "update")
                 except (KeyError, TypeError, ValueError) as error:
                     problem = f"malformed train reply ({type(error).__name__}: {error})"
                 else:
-                    if update.client_id != cid:
+                    if update.client_id != cid:  # the hub checks enrolment, sizes and the round's fingerprint
                         problem = f"replied as client {update.client_id!r}"
-                    elif node_fingerprint != self.fingerprint:
-                        problem = (
-                            f"base model or LoRA config differs (fingerprint {node_fingerprint} != {self.fingerprint})"
-                        )
             if problem is not None:
                 outcome.rejected[cid] = f"client {cid!r} (node {node}): {problem}"
                 log(INFO, "round %s: rejected %s", server_round, outcome.rejected[cid])
@@ -194,10 +191,11 @@ class FCMoEStrategy(Strategy):
             content = RecordDict()
             put_state(content, "global", self.global_state)
             if cid in residuals:
-                # only tensors with a conflict carry a residual; the node fills in zeros for the others
-                sent = {key: tensor for key, tensor in residuals[cid].items() if bool(tensor.any())}
-                put_state(content, "residual", sent)
-                self.eval_bytes_down += content["residual"].count_bytes()
+                # only the tensors and expert slices with a conflict carry a residual; the node fills in zeros
+                residual = residuals[cid]
+                zeros = {key: torch.zeros_like(tensor) for key, tensor in residual.items()}
+                put_state(content, "residual", residual, zeros, self.hub.layout)
+                self.eval_bytes_down += state_bytes(content, "residual")
             content["instruction"] = self._instruction(server_round, **dict(config))
             self.eval_bytes_down += content["global"].count_bytes()
             messages.append(self._message(content, cid, "evaluate", server_round))
