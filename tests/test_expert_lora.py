@@ -32,6 +32,10 @@ from hf_fcmoe.training.expert_lora import (
 )
 from tests.conftest import local_round_args
 
+# PEFT 0.21 reads the deprecated `is_gradient_checkpointing` on every get_peft_model (the library mutes it around
+# its own call, adapters/peft_quirks.py); these tests call PEFT directly
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "gpt_oss")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -146,7 +150,7 @@ def test_routed_matches_peft_outputs_and_gradients(model_type, router, attention
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_routed_matches_peft_with_activation_checkpointing(model_type):
     model = _peft_model(model_type)
-    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ids = _batch(model)
     peft = _step(model, ids)
     configure_expert_lora_forward(model, "routed")
@@ -162,7 +166,7 @@ def test_routed_matches_peft_with_reentrant_checkpointing_and_eager_experts():
             torch.nn.init.normal_(module.lora_B["default"].weight, std=0.2)
     model.train()
     model.enable_input_require_grads()
-    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     ids = _batch(model)
     peft = _step(model, ids)
     assert configure_expert_lora_forward(model, "routed")
