@@ -87,11 +87,12 @@ class LoopbackFederation:
             "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
         }
 
-    def _start(self, name: str, args: list[str], home: Path) -> subprocess.Popen:
+    def _start(self, name: str, args: list[str], home: Path, cwd: Path | None = None) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
         log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             args,
+            cwd=cwd,
             env={**self.env, "FLWR_HOME": str(home)},
             stdout=log,
             stderr=subprocess.STDOUT,

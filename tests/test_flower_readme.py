@@ -77,19 +77,7 @@ class ReadmeShell(LoopbackFederation):
 
     def daemon(self, command: str, home: Path, name: str) -> subprocess.Popen:
         """A command that keeps running (SuperLink, SuperNode), started in `work` in its own session."""
-        home.mkdir(parents=True, exist_ok=True)
-        log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            ["bash", "-c", command],
-            cwd=self.work,
-            env={**self.env, "FLWR_HOME": str(home)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs[name] = proc
-        self.known.add(proc.pid)
-        return proc
+        return self._start(name, ["bash", "-c", command], home, cwd=self.work)
 
 
 def _free_prefix() -> str:
