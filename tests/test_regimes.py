@@ -110,3 +110,15 @@ def test_regimes_only_must_name_regimes_of_the_bench():
         load_bench_config(RECIPE, {"regimes_only": "labelskew-e8-top2-s10-a0.1,nope"})
     with pytest.raises(ValueError, match="no regime"):
         load_bench_config(RECIPE, {"regimes_only": " , "})
+
+
+def test_goal_check_counts_only_methods_that_ran_in_every_cell():
+    from hf_fcmoe.bench.regimes import goal_check
+
+    verdict, table = goal_check(
+        {"everywhere": [True, True, True], "two-cells": [True, True], "a": [True, False, True]}, 3
+    )
+    assert verdict == "Configurations that meet the goal in every cell: `everywhere`."
+    assert "| two-cells | 2/2 (ran in 2 of 3 cells) |" in table and "| a | 2/3 |" in table
+    verdict, _ = goal_check({"two-cells": [True, True]}, 3)
+    assert verdict.startswith("No configuration meets the goal")

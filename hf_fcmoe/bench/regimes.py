@@ -49,7 +49,7 @@ def existing_base(bench: BenchConfig) -> str | None:
 def _gain(diff: PairedDifference | None) -> str:
     if diff is None or diff.seeds == 0:
         return "-"
-    return f"{diff.mean:+.4f} ({diff.wins}/{diff.seeds})"
+    return f"{diff.mean:+.4f} ± {diff.std:.4f} ({diff.wins}/{diff.seeds})"
 
 
 def _wins_all(diff: PairedDifference | None) -> bool:
@@ -101,8 +101,9 @@ class RegimeCell:
 
     def table(self) -> str:
         lines = [
-            "| method | global final | gain vs tuned FedAvg: global (wins) | personalized final | gain vs local: "
-            "personalized (wins) | gain vs FedAvg+fine-tune: personalized (wins) | conflict rate | goal met |",
+            "| method | global final | gain vs tuned FedAvg: global (± sd, wins) | personalized final | gain vs "
+            "local: personalized (± sd, wins) | gain vs FedAvg+fine-tune: personalized (± sd, wins) | conflict rate "
+            "| goal met |",
             "|---" * 8 + "|",
         ]
         section = self.section
@@ -125,6 +126,23 @@ class RegimeCell:
         return "\n".join(lines)
 
 
+def goal_check(goal: dict[str, list[bool]], cells: int) -> list[str]:
+    """The verdict and the per-method table; `goal`: method -> met or not, per cell it ran in. A method that ran in
+    fewer cells than the sweep has cannot meet the goal in every cell, however it did where it ran."""
+    met = [method for method, flags in goal.items() if len(flags) == cells and all(flags)]
+    verdict = (
+        f"Configurations that meet the goal in every cell: {', '.join(f'`{m}`' for m in met)}."
+        if met
+        else "No configuration meets the goal (better than the tuned FedAvg globally and than local training "
+        "personalized, every seed) in every cell."
+    )
+    rows = ["| method | cells where the goal is met |", "|---|---|"]
+    for method, flags in goal.items():
+        ran = "" if len(flags) == cells else f" (ran in {len(flags)} of {cells} cells)"
+        rows.append(f"| {method} | {sum(flags)}/{len(flags)}{ran} |")
+    return [verdict, "\n".join(rows)]
+
+
 def write_regime_summary(
     bench: BenchConfig,
     cells: list[RegimeCell],
@@ -141,12 +159,13 @@ def write_regime_summary(
         "its base) is `<regime>/report.md`.",
         "Per cell: final global eval loss of the global adapter (union of client eval splits) and final "
         "personalized eval loss (each client's own adapter on its own split, mean over clients; methods without "
-        "personalization use the global adapter). Gains are paired per seed (positive = better) and wins count "
-        "the seeds on which the method was better. References: the tuned FedAvg (best server step of the grid by "
-        "mean final global loss) for the global metric; local training and FedAvg followed by one round of local "
-        "fine-tuning (`fedavg-ft`) for the personalized one. Conflict rate: share of active (client, expert) "
-        "updates FC-MoE flagged, mean over rounds. Goal met: better than the tuned FedAvg globally AND better than "
-        "local training personalized, on every seed.",
+        "personalization use the global adapter). Gains are paired per seed (positive = better): their mean, "
+        "± the standard deviation over seeds, and (in brackets) the seeds on which the method was better. "
+        "References: the tuned FedAvg (best server step of the grid by mean final global loss) for the global "
+        "metric; local training and FedAvg followed by one round of local fine-tuning (`fedavg-ft`) for the "
+        "personalized one. Conflict rate: share of active (client, expert) updates FC-MoE flagged, mean over "
+        "rounds. Goal met: better than the tuned FedAvg globally AND better than local training personalized, on "
+        "every seed.",
     ]
     goal: dict[str, list[bool]] = {}
     for cell in cells:
@@ -158,20 +177,7 @@ def write_regime_summary(
         ]
         for method in cell.section.summaries:
             goal.setdefault(method, []).append(cell.meets_goal(method))
-    met = [method for method, flags in goal.items() if flags and all(flags)]
-    sections += [
-        "## Goal check over every cell",
-        (
-            f"Configurations that meet the goal in every cell: {', '.join(f'`{m}`' for m in met)}."
-            if met
-            else "No configuration meets the goal (better than the tuned FedAvg globally and than local training "
-            "personalized, every seed) in every cell."
-        ),
-        "\n".join(
-            ["| method | cells where the goal is met |", "|---|---|"]
-            + [f"| {method} | {sum(flags)}/{len(flags)} |" for method, flags in goal.items()]
-        ),
-    ]
+    sections += ["## Goal check over every cell", *goal_check(goal, len(cells))]
     if incomplete:
         sections += [
             "## Regimes not in this summary (not every run finished)",
