@@ -210,7 +210,8 @@ class FederatedMoEConfig(SFTConfig):
         if self.ddp_find_unused_parameters is None:
             # every LoRA tensor gets a gradient on both expert forwards (PEFT's ParamWrapper builds every expert's
             # delta; the routed one slices each fused factor tensor): transformers' default for a PeftModel (True)
-            # only costs a graph walk and a DDP warning. Known exception: phimoe's router LoRA gets no gradient.
+            # only costs a graph walk and a DDP warning. phimoe's router LoRA gets a zero gradient (a tensor, not
+            # None) from every token whose runner-up expert lies outside its SparseMixer jitter band: still reduced.
             self.ddp_find_unused_parameters = False
         super().__post_init__()
         self._validate_federation()

@@ -151,3 +151,26 @@ def test_readme_lists_every_family_with_its_status():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert support_table() in readme, "regenerate with: python -m hf_fcmoe.models.family_support"
+
+
+@pytest.mark.parametrize("jitter", [0.01, 0.5])
+def test_phimoe_router_lora_learns_only_from_tokens_near_a_routing_tie(jitter):
+    """PhiMoE's SparseMixer sends the router a gradient only for tokens whose runner-up expert lies within
+    2 * router_jitter_noise of the winner (relative): with the config's 0.01 most tokens give an exact zero, a wider
+    band gives every layer a gradient. Either way it is a tensor, so DDP without unused-parameter search reduces it."""
+    torch.manual_seed(0)  # the Gumbel sampling of training mode
+    model, _ = build_tiny_moe("phimoe", seed=1)
+    model.config.router_jitter_noise = jitter
+    for module in model.modules():
+        if hasattr(module, "router_jitter_noise"):
+            module.router_jitter_noise = jitter
+    family = get_family("phimoe")
+    peft_model = apply_expert_lora(model, build_lora_config(family, r=2, lora_alpha=4, targets=["experts", "router"]))
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    peft_model.train()(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if ".router.lora_B." in n]
+    assert len(grads) == model.config.num_hidden_layers and all(g is not None for g in grads)
+    if jitter == 0.5:
+        assert all(g.abs().sum() > 0 for g in grads)
+    else:
+        assert any(g.abs().sum() == 0 for g in grads)
