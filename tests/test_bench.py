@@ -9,6 +9,7 @@ import pytest
 
 from hf_fcmoe.bench import load_bench_config, run_bench
 from hf_fcmoe.bench.runner import plan_runs
+from hf_fcmoe.federation.provenance import code_version
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bench" / "offline.yaml"
 
@@ -72,6 +73,8 @@ def test_smoke_report_has_every_method_and_paired_gains(smoke_bench):
     run = report.parent / "runs" / "alpha_0.5" / "seed_1" / "fcmoe"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and (run / "global" / "adapter_config.json").exists()
+    assert {row["code"] for row in rows} == {code_version()}  # which code trained it, in every row
+    assert f"Code: every run trained by `{code_version()}`." in text
 
 
 def test_rerun_reuses_finished_runs(smoke_bench):

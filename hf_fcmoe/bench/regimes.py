@@ -174,6 +174,7 @@ def write_regime_summary(
             f"{cell.runs} runs, {cell.seconds / 60:.1f} min of training and aggregation (sum over runs, rounds only).",
             cell.table(),
             *([cell.lambda_note()] if cell.lambda_note() else []),
+            *([cell.section.code_note()] if cell.section.code_note() else []),
         ]
         for method in cell.section.summaries:
             goal.setdefault(method, []).append(cell.meets_goal(method))

@@ -22,6 +22,7 @@ from hf_fcmoe.bench.analysis import (  # noqa: E402
 )
 from hf_fcmoe.bench.config import FEDAVG_GRID_PREFIX, BenchConfig  # noqa: E402
 from hf_fcmoe.config import FederatedMoEConfig  # noqa: E402
+from hf_fcmoe.federation.provenance import CODE_FIELD  # noqa: E402
 
 Results = dict[tuple[str, float, int], list[dict]]
 
@@ -61,6 +62,27 @@ def _rounds_cell(values: list[int | None]) -> str:
     return f"{statistics.median(reached):g} ({len(reached)}/{len(values)} seeds)"
 
 
+def code_versions_note(rows: dict[str, dict[int, list[dict]]]) -> str | None:
+    """Which code trained these runs (method -> seed -> metric rows), when the rows say. Finished runs are read back,
+    so a report can pair runs of different versions, and their numerical drift is then part of every paired
+    difference. None when no row records it (runs older than the stamp)."""
+    runs: dict[str, int] = {}
+    for per_seed in rows.values():
+        for run_rows in per_seed.values():
+            versions = sorted({str(row[CODE_FIELD]) for row in run_rows if CODE_FIELD in row}) or ["unrecorded"]
+            key = " and ".join(versions)  # a run resumed by other code lists both
+            runs[key] = runs.get(key, 0) + 1
+    if not runs or list(runs) == ["unrecorded"]:
+        return None
+    if len(runs) == 1:
+        return f"Code: every run trained by `{next(iter(runs))}`."
+    spread = ", ".join(f"`{key}` ({count} run{'s' * (count > 1)})" for key, count in sorted(runs.items()))
+    return (
+        f"**Code: these runs were trained by {len(runs)} code versions** ({spread}); a paired difference between "
+        "runs of different versions includes their numerical drift."
+    )
+
+
 class AlphaSection:
     """Summaries of every method at one alpha, with the tuned FedAvg chosen and the target set."""
 
@@ -80,6 +102,9 @@ class AlphaSection:
 
     def values(self, method: str, attribute: str) -> dict[int, float]:
         return {seed: getattr(summary, attribute) for seed, summary in self.summaries[method].items()}
+
+    def code_note(self) -> str | None:
+        return code_versions_note(self.rows)
 
     def table(self) -> str:
         header = (
@@ -237,6 +262,7 @@ def write_bench_report(
             f"Tuned FedAvg: `{section.reference}` (server step grid, final global metric: {grid}). "
             f"Target: {_f(section.target)}.",
             section.table(),
+            *([section.code_note()] if section.code_note() else []),
             f"![curves](plots/curves_{tag}.png)",
         ]
         if alpha in partitions:

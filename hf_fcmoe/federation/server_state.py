@@ -23,6 +23,7 @@ from hf_fcmoe.aggregation.types import State
 from hf_fcmoe.config import FederatedMoEConfig
 from hf_fcmoe.federation import checkpoint_io
 from hf_fcmoe.federation.faults import crash_point
+from hf_fcmoe.federation.provenance import CODE_FIELD, code_version
 from hf_fcmoe.federation.round_metrics import state_nbytes
 from hf_fcmoe.federation.run_dir import RunDirectory, load_adapter_weights, save_adapter_folder
 
@@ -212,6 +213,7 @@ def write_round(
     checkpoint_io.write_manifest(staging)  # last: a round without a verifying manifest is never loaded
     run_dir.commit_round(round_index, staging)
     crash_point("committed", round_index)
+    row.setdefault(CODE_FIELD, code_version())
     run_dir.append_metrics(row)
     run_dir.write_state({"last_round": round_index, "num_rounds": num_rounds})
 
