@@ -101,6 +101,10 @@ def test_regime_sweep_runs_one_regime_at_a_time_and_merges_finished_ones(tmp_pat
         assert line.count("(") >= 3  # paired gains vs FedAvg, local and FedAvg+fine-tune, with wins
     for regime in ("labelskew", "disagreement"):
         assert (tmp_path / "sweep" / regime / "report.md").exists()
+    assert "largest difference over seeds: `fedavg-ft` 0.0000" in text  # the built-in control holds
+    again = run_bench(load_bench_config(RECIPE, {**overrides, "summary_only": True}), progress=False).read_text()
+    assert [path.stat().st_mtime_ns for path in labelskew_runs] == stamps
+    assert again.split("## labelskew", 1)[1] == text.split("## labelskew", 1)[1]  # same cells, nothing trained
 
 
 def test_regimes_only_must_name_regimes_of_the_bench():
@@ -122,3 +126,22 @@ def test_goal_check_counts_only_methods_that_ran_in_every_cell():
     assert "| two-cells | 2/2 (ran in 2 of 3 cells) |" in table and "| a | 2/3 |" in table
     verdict, _ = goal_check({"two-cells": [True, True]}, 3)
     assert verdict.startswith("No configuration meets the goal")
+
+
+def test_summary_only_trains_nothing_and_lists_what_is_missing(tmp_path):
+    bench = load_bench_config(RECIPE, {"output_dir": str(tmp_path / "sweep"), "summary_only": True})
+    text = run_bench(bench, progress=False).read_text()
+    assert "| labelskew-e16-top1-s10-a0.1 | 0/" in text and "## Goal check over every cell" in text
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["report.md"]  # no base, no run folder
+    with pytest.raises(ValueError, match="summary_only"):
+        load_bench_config(RECIPE, {"summary_only": True, "regimes_only": "labelskew-e8-top2-s10-a0.1"})
+
+
+def test_only_fedavg_with_a_side_personalization_counts_as_fedavg_at_step_one():
+    from hf_fcmoe.bench.regimes import trains_fedavg_global
+
+    assert trains_fedavg_global({"aggregation_method": "fedavg", "personalization": "ditto"})
+    assert trains_fedavg_global({"aggregation_method": "fedavg", "personalization": "finetune", "server_lr": 1.0})
+    assert not trains_fedavg_global({"aggregation_method": "fedavg", "personalization": "personal_router"})
+    assert not trains_fedavg_global({"aggregation_method": "fedavg", "personalization": "ditto", "server_lr": 1.5})
+    assert not trains_fedavg_global({"aggregation_method": "fcmoe", "personalization": "finetune"})

@@ -88,6 +88,14 @@ class BenchConfig:
         },
     )
 
+    summary_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Regime sweeps: rewrite <output_dir>/report.md from the finished runs of every regime and train "
+            "nothing (after a sweep run in pieces, or to apply a newer report to old runs)."
+        },
+    )
+
     def method_overrides(self) -> dict[str, dict[str, Any]]:
         """Every method of the grid, the FedAvg server-step grid included, with its run overrides."""
         grid = {
@@ -98,7 +106,7 @@ class BenchConfig:
 
     def regime_benches(self) -> dict[str, BenchConfig]:
         """One `BenchConfig` per regime: this one with the regime's overrides, in its own folder."""
-        sweep_only = ("regimes", "regimes_only")
+        sweep_only = ("regimes", "regimes_only", "summary_only")
         shared = {
             f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.init and f.name not in sweep_only
         }
@@ -122,6 +130,11 @@ class BenchConfig:
                 raise ValueError(
                     f"regimes_only names {unknown or 'no regime'}; this bench's regimes: {sorted(self.regimes or {})}"
                 )
+        if self.summary_only and (self.regimes is None or self.regimes_only is not None):
+            raise ValueError(
+                "summary_only rewrites a regime sweep's summary from every finished regime: use it on a bench with "
+                "regimes and without regimes_only"
+            )
         if self.regimes is not None:
             bad = sorted(name for name in self.regimes if not name or "/" in name or name.startswith("."))
             if bad or not self.regimes:

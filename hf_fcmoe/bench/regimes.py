@@ -14,12 +14,23 @@ import time
 from pathlib import Path
 
 from hf_fcmoe.bench.analysis import PairedDifference, paired_difference
-from hf_fcmoe.bench.config import BenchConfig
+from hf_fcmoe.bench.config import FEDAVG_GRID_PREFIX, BenchConfig
 from hf_fcmoe.federation.lambda_choice import PER_CLIENT_FIELD
 from hf_fcmoe.federation.run_dir import RunDirectory
 
 LOCAL = "local"
 FINETUNE = "fedavg-ft"
+TWIN_REFERENCE = f"{FEDAVG_GRID_PREFIX}1"
+
+
+def trains_fedavg_global(overrides: dict) -> bool:
+    """Methods whose global adapter is FedAvg's at server step 1 by construction: FedAvg with a personalization
+    that trains beside the global (fine-tuning after the last round, Ditto's personal rounds)."""
+    return (
+        overrides.get("aggregation_method") == "fedavg"
+        and float(overrides.get("server_lr", 1.0)) == 1.0
+        and overrides.get("personalization") in ("finetune", "ditto")
+    )
 
 
 def _collect(bench: BenchConfig, base: str | None) -> tuple[dict[tuple[str, float, int], list[dict]], int]:
@@ -70,6 +81,7 @@ class RegimeCell:
             sum(float(row.get("seconds") or 0.0) for row in rows) for (_, a, _), rows in results.items() if a == alpha
         )
         self.runs = sum(1 for (_, a, _) in results if a == alpha)
+        self.overrides = bench.method_overrides()
 
     def diff(self, method: str, attribute: str, reference: str) -> PairedDifference | None:
         summaries = self.section.summaries
@@ -98,6 +110,30 @@ class RegimeCell:
         if not parts:
             return None
         return "Retention lambda chosen per client (final round, all clients and seeds): " + "; ".join(parts) + "."
+
+    def twins_note(self) -> str | None:
+        """The cell's built-in control: methods that train fedavg@1's global adapter must score exactly what it
+        scores; what they miss by is drift between the runs (code versions, nondeterminism), a floor under what a
+        paired difference in this cell can resolve."""
+        summaries = self.section.summaries
+        if TWIN_REFERENCE not in summaries:
+            return None
+        reference = self.section.values(TWIN_REFERENCE, "final_global")
+        parts = []
+        for method, overrides in self.overrides.items():
+            if method in summaries and trains_fedavg_global(overrides):
+                values = self.section.values(method, "final_global")
+                gaps = [abs(values[seed] - reference[seed]) for seed in values if seed in reference]
+                if gaps:
+                    parts.append(f"`{method}` {max(gaps):.4f}")
+        if not parts:
+            return None
+        return (
+            f"Control: {', '.join(p.split(' ')[0] for p in parts)} train `{TWIN_REFERENCE}`'s global adapter (their "
+            "personal training runs beside it), so their final global loss must equal its own; largest difference "
+            f"over seeds: {'; '.join(parts)}. Anything above 0 is drift between the runs (different code versions, "
+            "nondeterminism), and global differences of that size in this cell are not resolved."
+        )
 
     def table(self) -> str:
         lines = [
@@ -174,6 +210,7 @@ def write_regime_summary(
             f"{cell.runs} runs, {cell.seconds / 60:.1f} min of training and aggregation (sum over runs, rounds only).",
             cell.table(),
             *([cell.lambda_note()] if cell.lambda_note() else []),
+            *([cell.twins_note()] if cell.twins_note() else []),
             *([cell.section.code_note()] if cell.section.code_note() else []),
         ]
         for method in cell.section.summaries:
@@ -198,11 +235,11 @@ def write_regime_summary(
 
 def run_regimes(bench: BenchConfig, progress: bool = True, command: str | None = None) -> Path:
     """Run the selected regimes' benchmarks in turn (`regimes_only`, default all), then write the summary over
-    every regime whose runs are all finished; returns its path."""
+    every regime whose runs are all finished (`summary_only`: run none); returns its path."""
     from hf_fcmoe.bench.runner import plan_runs, prepare_base, run_bench
 
     started = time.perf_counter()
-    selected = set(bench.selected_regimes())
+    selected = set() if bench.summary_only else set(bench.selected_regimes())
     cells, incomplete = [], {}
     for name, sub in bench.regime_benches().items():
         if name in selected:
