@@ -137,11 +137,13 @@ def test_summary_only_trains_nothing_and_lists_what_is_missing(tmp_path):
         load_bench_config(RECIPE, {"summary_only": True, "regimes_only": "labelskew-e8-top2-s10-a0.1"})
 
 
-def test_only_fedavg_with_a_side_personalization_counts_as_fedavg_at_step_one():
+def test_only_fedavg_with_a_side_personalization_or_another_forward_counts_as_fedavg_at_step_one():
     from hf_fcmoe.bench.regimes import trains_fedavg_global
 
     assert trains_fedavg_global({"aggregation_method": "fedavg", "personalization": "ditto"})
-    assert trains_fedavg_global({"aggregation_method": "fedavg", "personalization": "finetune", "server_lr": 1.0})
+    assert trains_fedavg_global({"aggregation_method": "fedavg", "personalization": "finetune"})
+    assert trains_fedavg_global({"aggregation_method": "fedavg", "expert_lora_forward": "peft"})
+    assert not trains_fedavg_global({"aggregation_method": "fedavg"})  # that is fedavg@1 itself
     assert not trains_fedavg_global({"aggregation_method": "fedavg", "personalization": "personal_router"})
     assert not trains_fedavg_global({"aggregation_method": "fedavg", "personalization": "ditto", "server_lr": 1.5})
     assert not trains_fedavg_global({"aggregation_method": "fcmoe", "personalization": "finetune"})

@@ -23,13 +23,20 @@ FINETUNE = "fedavg-ft"
 TWIN_REFERENCE = f"{FEDAVG_GRID_PREFIX}1"
 
 
+# fields that change how fedavg@1's global adapter is computed numerically, or what is trained beside it, but not
+# the algorithm: a method that differs from fedavg@1 only in these trains the same global adapter
+_SAME_GLOBAL_FIELDS = {"aggregation_method", "personalization", "personalization_mu", "expert_lora_forward"}
+
+
 def trains_fedavg_global(overrides: dict) -> bool:
-    """Methods whose global adapter is FedAvg's at server step 1 by construction: FedAvg with a personalization
-    that trains beside the global (fine-tuning after the last round, Ditto's personal rounds)."""
+    """Methods whose global adapter is fedavg@1's by construction: FedAvg at server step 1 with a personalization
+    that trains beside the global (fine-tuning after the last round, Ditto's personal rounds) or with the other
+    expert-LoRA forward (the same math, rounded differently)."""
     return (
         overrides.get("aggregation_method") == "fedavg"
-        and float(overrides.get("server_lr", 1.0)) == 1.0
-        and overrides.get("personalization") in ("finetune", "ditto")
+        and overrides.get("personalization") in (None, "finetune", "ditto")
+        and set(overrides) <= _SAME_GLOBAL_FIELDS
+        and set(overrides) != {"aggregation_method"}
     )
 
 
@@ -129,10 +136,11 @@ class RegimeCell:
         if not parts:
             return None
         return (
-            f"Control: {', '.join(p.split(' ')[0] for p in parts)} train `{TWIN_REFERENCE}`'s global adapter (their "
-            "personal training runs beside it), so their final global loss must equal its own; largest difference "
-            f"over seeds: {'; '.join(parts)}. Anything above 0 is drift between the runs (different code versions, "
-            "nondeterminism), and global differences of that size in this cell are not resolved."
+            f"Control: {', '.join(p.split(' ')[0] for p in parts)} train `{TWIN_REFERENCE}`'s global adapter by the "
+            "same algorithm (personal training beside it, or the other expert-LoRA forward), so their final global "
+            f"loss would equal its own in exact arithmetic; largest difference over seeds: {'; '.join(parts)}. "
+            "Anything above 0 is drift between the runs (fp32 rounding that top-k routing amplifies, different code "
+            "versions, nondeterminism): global differences of that size in this cell are not resolved."
         )
 
     def table(self) -> str:
