@@ -95,8 +95,11 @@ def test_regime_sweep_runs_one_regime_at_a_time_and_merges_finished_ones(tmp_pat
     assert "## labelskew, alpha = 0.1" in text and "## disagreement, alpha = 0.1" in text
     assert "gain vs local: personalized" in text and "## Goal check over every cell" in text
     assert "Regimes not in this summary" not in text
-    rows = [line for line in text.splitlines() if line.startswith("| fcmoe |") and line.count("|") > 4]
-    assert len(rows) == 2
+    rows = [line for line in text.splitlines() if line.startswith("| fcmoe |") and "±" in line]
+    assert len(rows) == 2  # one per cell, then one per metric across the cells:
+    across = text.split("## Across cells", 1)[1].split("## Goal check", 1)[0]
+    assert "| method | labelskew | disagreement |" in across and across.count("| fcmoe | ") == 2
+    assert "| local | reference | reference |" in across
     for line in rows:
         assert line.count("(") >= 3  # paired gains vs FedAvg, local and FedAvg+fine-tune, with wins
     for regime in ("labelskew", "disagreement"):

@@ -170,6 +170,43 @@ class RegimeCell:
         return "\n".join(lines)
 
 
+def _wins_only(diff: PairedDifference | None) -> str:
+    return "-" if diff is None or diff.seeds == 0 else f"{diff.mean:+.4f} ({diff.wins}/{diff.seeds})"
+
+
+def across_cells(cells: list[RegimeCell]) -> list[str]:
+    """Two method x cell tables of paired gains (wins): global vs the tuned FedAvg, personalized vs local training,
+    with the references' own values in the first row ('-': the method did not run in that cell)."""
+    names = [cell.name for cell in cells]
+    heads = [name if names.count(name) == 1 else f"{name} a{cell.alpha:g}" for name, cell in zip(names, cells)]
+    methods = list(dict.fromkeys(method for cell in cells for method in cell.section.summaries))
+    out = []
+    for title, attribute, reference_of in (
+        ("Global: gain vs the tuned FedAvg", "final_global", lambda cell: cell.section.reference),
+        ("Personalized: gain vs local training", "final_local", lambda cell: LOCAL),
+    ):
+        rows = ["| method | " + " | ".join(heads) + " |", "|---" * (len(cells) + 1) + "|"]
+        references = []
+        for cell in cells:
+            reference = reference_of(cell)
+            if reference in cell.section.summaries:
+                value = statistics.fmean(cell.section.values(reference, attribute).values())
+                references.append(f"`{reference}` {value:.4f}")
+            else:
+                references.append("-")
+        rows.append("| reference | " + " | ".join(references) + " |")
+        for method in methods:
+            cells_text = [
+                "reference"
+                if method == reference_of(cell)
+                else _wins_only(cell.diff(method, attribute, reference_of(cell)))
+                for cell in cells
+            ]
+            rows.append(f"| {method} | " + " | ".join(cells_text) + " |")
+        out += [f"### {title} (wins of the seeds)", "\n".join(rows)]
+    return out
+
+
 def goal_check(goal: dict[str, list[bool]], cells: int) -> list[str]:
     """The verdict and the per-method table; `goal`: method -> met or not, per cell it ran in. A method that ran in
     fewer cells than the sweep has cannot meet the goal in every cell, however it did where it ran."""
@@ -223,6 +260,8 @@ def write_regime_summary(
         ]
         for method in cell.section.summaries:
             goal.setdefault(method, []).append(cell.meets_goal(method))
+    if cells:
+        sections += ["## Across cells", *across_cells(cells)]
     sections += ["## Goal check over every cell", *goal_check(goal, len(cells))]
     if incomplete:
         sections += [
