@@ -110,6 +110,35 @@ def test_runs_older_than_a_field_at_its_default_are_still_reused(smoke_bench, tm
     assert reuse_blockers(path, changed) == ["dp_clip_norm", "learning_rate"]
 
 
+def test_a_benchmark_moved_with_its_base_is_still_reused(smoke_bench, tmp_path):
+    """Runs record their base by absolute path: a copy of the same base elsewhere (the benchmark folder copied or
+    moved) does not block reuse, a base with other weights does."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from hf_fcmoe.bench.runner import reuse_blockers
+    from hf_fcmoe.config import load_config
+
+    bench, _ = smoke_bench
+    plan = next(p for p in plan_runs(bench) if p.method == "fcmoe")
+    saved = yaml.safe_load((plan.output_dir / "config.yaml").read_text())
+    moved = tmp_path / "moved-base"
+    shutil.copytree(saved["model_name_or_path"], moved)
+    config = load_config(overrides={**plan.overrides, "model_name_or_path": str(moved)})
+    assert reuse_blockers(plan.output_dir / "config.yaml", config) == []
+    weights = moved / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    other = tmp_path / "other-base"
+    shutil.copytree(moved, other)
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    retrained = load_config(overrides={**plan.overrides, "model_name_or_path": str(other)})
+    assert reuse_blockers(plan.output_dir / "config.yaml", retrained) == ["model_name_or_path"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

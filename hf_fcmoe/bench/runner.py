@@ -7,6 +7,8 @@ what changed. Progress bars show method, alpha, seed (outer) and rounds (inner).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import multiprocessing
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from hf_fcmoe.bench.config import BenchConfig
@@ -68,8 +71,38 @@ SINGLE_PROCESS_IRRELEVANT = {"ddp_find_unused_parameters"}
 
 def reuse_blockers(saved_config: Path, config: FederatedMoEConfig) -> list[str]:
     """The settings in which a finished run differs from `config` (empty: reuse it): `config_changes` (which
-    takes a field the saved config lacks at its declared default as unchanged) less the DDP-only settings."""
-    return [key for key in config_changes(saved_config, config) if key not in SINGLE_PROCESS_IRRELEVANT]
+    takes a field the saved config lacks at its declared default as unchanged) less the DDP-only settings, and
+    less the base's path when both paths hold the same base (a benchmark copied or moved with its base)."""
+    changes = [key for key in config_changes(saved_config, config) if key not in SINGLE_PROCESS_IRRELEVANT]
+    if "model_name_or_path" in changes:
+        saved = yaml.safe_load(saved_config.read_text()).get("model_name_or_path")
+        if isinstance(saved, str) and same_local_model(saved, config.model_name_or_path):
+            changes.remove("model_name_or_path")
+    return changes
+
+
+def same_local_model(first: str, second: str) -> bool:
+    """Two existing local folders holding the same model: the same config.json and the same weight files."""
+    a, b = Path(first), Path(second)
+    if not (a.is_dir() and b.is_dir()):  # a Hub id, or a folder that is gone: only the same name is the same
+        return False
+    digest = _model_digest(a.resolve())
+    return digest is not None and digest == _model_digest(b.resolve())
+
+
+@functools.lru_cache(maxsize=16)
+def _model_digest(folder: Path) -> str | None:
+    """sha256 over config.json and every *.safetensors / *.bin file (names and bytes); None without weights."""
+    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    if not any(p.suffix != ".json" for p in files):
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def finished_metrics(config: FederatedMoEConfig) -> list[dict] | None:
