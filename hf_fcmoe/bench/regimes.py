@@ -64,10 +64,10 @@ def existing_base(bench: BenchConfig) -> str | None:
     return str(folder.resolve()) if (folder / "config.json").exists() else None
 
 
-def _gain(diff: PairedDifference | None) -> str:
+def _gain(diff: PairedDifference | None, spread: bool = True) -> str:
     if diff is None or diff.seeds == 0:
         return "-"
-    return f"{diff.mean:+.4f} ± {diff.std:.4f} ({diff.wins}/{diff.seeds})"
+    return f"{diff.mean:+.4f}{f' ± {diff.std:.4f}' if spread else ''} ({diff.wins}/{diff.seeds})"
 
 
 def _wins_all(diff: PairedDifference | None) -> bool:
@@ -126,17 +126,19 @@ class RegimeCell:
         if TWIN_REFERENCE not in summaries:
             return None
         reference = self.section.values(TWIN_REFERENCE, "final_global")
-        parts = []
+        largest = {}
         for method, overrides in self.overrides.items():
             if method in summaries and trains_fedavg_global(overrides):
                 values = self.section.values(method, "final_global")
                 gaps = [abs(values[seed] - reference[seed]) for seed in values if seed in reference]
                 if gaps:
-                    parts.append(f"`{method}` {max(gaps):.4f}")
-        if not parts:
+                    largest[method] = max(gaps)
+        if not largest:
             return None
+        names = ", ".join(f"`{method}`" for method in largest)
+        parts = [f"`{method}` {gap:.4f}" for method, gap in largest.items()]
         return (
-            f"Control: {', '.join(p.split(' ')[0] for p in parts)} train `{TWIN_REFERENCE}`'s global adapter by the "
+            f"Control: {names} train `{TWIN_REFERENCE}`'s global adapter by the "
             "same algorithm (personal training beside it, or the other expert-LoRA forward), so their final global "
             f"loss would equal its own in exact arithmetic; largest difference over seeds: {'; '.join(parts)}. "
             "Anything above 0 is drift between the runs (fp32 rounding that top-k routing amplifies, different code "
@@ -170,10 +172,6 @@ class RegimeCell:
         return "\n".join(lines)
 
 
-def _wins_only(diff: PairedDifference | None) -> str:
-    return "-" if diff is None or diff.seeds == 0 else f"{diff.mean:+.4f} ({diff.wins}/{diff.seeds})"
-
-
 def across_cells(cells: list[RegimeCell]) -> list[str]:
     """Two method x cell tables of paired gains (wins): global vs the tuned FedAvg, personalized vs local training,
     with the references' own values in the first row ('-': the method did not run in that cell)."""
@@ -199,7 +197,7 @@ def across_cells(cells: list[RegimeCell]) -> list[str]:
             cells_text = [
                 "reference"
                 if method == reference_of(cell)
-                else _wins_only(cell.diff(method, attribute, reference_of(cell)))
+                else _gain(cell.diff(method, attribute, reference_of(cell)), spread=False)
                 for cell in cells
             ]
             rows.append(f"| {method} | " + " | ".join(cells_text) + " |")
@@ -254,9 +252,7 @@ def write_regime_summary(
             f"## {cell.name}, alpha = {cell.alpha:g}",
             f"{cell.runs} runs, {cell.seconds / 60:.1f} min of training and aggregation (sum over runs, rounds only).",
             cell.table(),
-            *([cell.lambda_note()] if cell.lambda_note() else []),
-            *([cell.twins_note()] if cell.twins_note() else []),
-            *([cell.section.code_note()] if cell.section.code_note() else []),
+            *(note for note in (cell.lambda_note(), cell.twins_note(), cell.section.code_note()) if note),
         ]
         for method in cell.section.summaries:
             goal.setdefault(method, []).append(cell.meets_goal(method))
