@@ -22,7 +22,7 @@ from trl import SFTConfig
 from hf_fcmoe.adapters.lora import TARGET_CHOICES
 from hf_fcmoe.aggregation.options import METHODS
 from hf_fcmoe.config_checks import check_run_settings
-from hf_fcmoe.config_fields import check_known_keys, check_value_types, read_yaml_mapping
+from hf_fcmoe.config_fields import check_known_keys, check_value_types, float_kind, read_yaml_mapping, resolved_types
 from hf_fcmoe.data.federated import DataSpec
 from hf_fcmoe.training.expert_lora import EXPERT_LORA_FORWARDS
 
@@ -320,9 +320,29 @@ def _as_number(value: Any) -> Any:
     return value
 
 
+def _as_float(value: Any) -> Any:
+    """An integer given to a float field, as the float `HfArgumentParser` makes of it on a command line.
+
+    `parse_dict` does not convert, and TRL copies `router_aux_loss_coef` into the model's strictly typed config:
+    ``router_aux_loss_coef: 0`` stayed an int there and failed inside `SFTTrainer`.
+    """
+    value = _as_number(value)
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def _coerce_floats(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    float_fields = {f.name for f in fields(cls) if "float" in str(f.type)}
-    return {key: _as_number(value) if key in float_fields else value for key, value in values.items()}
+    hints = resolved_types(cls)
+    coerced = {}
+    for key, value in values.items():
+        kind = float_kind(hints.get(key))
+        if kind == "float":
+            value = _as_float(value)
+        elif kind == "list[float]" and isinstance(value, (list, tuple)):
+            value = [_as_float(item) for item in value]
+        elif "float" in str(hints.get(key)):  # unions with other types: only the YAML 1.1 exponent strings
+            value = _as_number(value)
+        coerced[key] = value
+    return coerced
 
 
 def load_yaml_dataclass(

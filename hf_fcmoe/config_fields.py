@@ -41,11 +41,23 @@ def check_known_keys(cls: type, keys: Iterable[str], where: str, prefix: str = "
     raise ValueError(f"unknown key {prefix}{key} in {where}{more}{hint}")
 
 
-def _resolved_types(cls: type) -> dict[str, Any]:
+def resolved_types(cls: type) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls)
     except Exception:  # an annotation that does not resolve: skip type checks rather than guess
         return {}
+
+
+def float_kind(annotation: Any) -> str | None:
+    """The float fields: "float" for ``float`` or ``float | None``, "list[float]" for a list of floats, else None."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if annotation is float:
+        return "float"
+    if typing.get_origin(annotation) is list and typing.get_args(annotation) == (float,):
+        return "list[float]"
+    return None
 
 
 def _accepts(annotation: Any, value: Any) -> bool | None:
@@ -85,7 +97,7 @@ def type_name(annotation: Any) -> str:
 
 def check_value_types(cls: type, values: dict[str, Any], where_of: dict[str, str]) -> None:
     """ValueError naming the first value whose type does not fit its field (and where it was set)."""
-    hints = _resolved_types(cls)
+    hints = resolved_types(cls)
     for key, value in values.items():
         annotation = hints.get(key)
         if annotation is not None and _accepts(annotation, value) is False:

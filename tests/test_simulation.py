@@ -215,3 +215,22 @@ def test_a_field_missing_from_an_older_saved_config_counts_as_unchanged_only_at_
     saved["learning_rate"] = 1.0
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     assert "learning_rate" in config_changes(tmp_path / "config.yaml", config)
+
+
+def test_an_integer_for_a_float_field_reaches_trl_as_a_float(finished_run, tmp_path):
+    """`router_aux_loss_coef: 0` (or `--router_aux_loss_coef 0`) is read as 0.0, the way `HfArgumentParser` reads a
+    command line; as an int, TRL copied it into the strictly typed model config and `SFTTrainer` failed."""
+    from hf_fcmoe.config import load_config
+    from tests.conftest import TINY_RUN
+
+    _, result = finished_run
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("router_aux_loss_coef: 0\naggregation_method: fcmoe\nretention_lambda_grid: [0, 1]\n")
+    config = load_config(recipe, {**TINY_RUN, "learning_rate": 1, "output_dir": str(tmp_path / "run")})
+    assert (config.router_aux_loss_coef, config.learning_rate, config.retention_lambda_grid) == (0.0, 1.0, [0.0, 1.0])
+    assert isinstance(config.router_aux_loss_coef, float) and isinstance(config.learning_rate, float)
+    model = load_adapter_model(result.global_dir)
+    worker = ClientWorker(model, AutoTokenizer.from_pretrained(str(result.global_dir)), config)
+    data = load_federated_data(config.data_spec())
+    worker.prepare(data.train["client_000"], data.eval["client_000"])  # builds the SFTTrainer
+    assert model.config.router_aux_loss_coef == 0.0

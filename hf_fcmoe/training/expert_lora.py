@@ -209,7 +209,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
         if type(param) not in (torch.Tensor, nn.Parameter):
             return f"{kind}.{wrapper.parameter_name} is a {type(param).__name__} (a sharded or quantized tensor)"
         if param.dtype not in _FLOAT_DTYPES:
-            return f"{kind}.{wrapper.parameter_name} is stored as {param.dtype} (quantized)"
+            why = "quantized" if not param.dtype.is_floating_point else "verified for float32, bfloat16, float16"
+            return f"{kind}.{wrapper.parameter_name} is stored as {param.dtype} ({why})"
         if getattr(experts, "_is_expert_parallel", False):
             return f"{kind} runs expert-parallel"
         implementation = getattr(experts, _BASE_IMPL_ATTR, None) or experts.config._experts_implementation
