@@ -262,7 +262,7 @@ def write_bench_report(
             f"Tuned FedAvg: `{section.reference}` (server step grid, final global metric: {grid}). "
             f"Target: {_f(section.target)}.",
             section.table(),
-            *(note for note in (section.code_note(),) if note),
+            *([note] if (note := section.code_note()) else []),
             f"![curves](plots/curves_{tag}.png)",
         ]
         if alpha in partitions:
